@@ -14,6 +14,15 @@ so that `pytest` and `nbdev-test` agree on which cells run:
 A skipped cell is not executed at all, so a later cell that needs its variables fails:
 flagged cells should be leaves.
 
+nbdev-clean keeps cell outputs but blanks every `execution_count`, and nbval fails any cell
+whose reference has outputs but no count ("Unrun reference cell has outputs"). So each such
+cell gets a count in memory (the file is untouched): nbval then runs it normally, and compares
+its outputs only where the cell asks for it (`# NBVAL_CHECK_OUTPUT`, since we run --nbval-lax).
+
+nbval only sees its markers as plain comments (`# NBVAL_CHECK_OUTPUT`); written the nbdev way,
+`#| NBVAL_CHECK_OUTPUT` (or `#| NBVAL_SKIP`, ...) is a directive nbval would silently ignore,
+so such directives are applied here too.
+
 It also sets `MPLBACKEND=Agg` (unless already set) before any kernel starts: the kernels
 nbval launches inherit this process's environment, so plots render off-screen.
 """
@@ -30,9 +39,9 @@ import pytest
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 try:
-    from nbval.plugin import IPyNbCell
+    from nbval.plugin import IPyNbCell, comment_markers as NBVAL_MARKERS
 except ImportError:  # nbval missing: nothing to filter
-    IPyNbCell = None
+    IPyNbCell, NBVAL_MARKERS = None, {}
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,6 +117,11 @@ def pytest_collection_modifyitems(config, items):
         if nb is not None and _notebook_skipped(nb):
             item.add_marker(pytest.mark.skip(reason="notebook front matter: skip_exec"))
             continue
+        for name in cell_directives(item.cell.source).keys() & NBVAL_MARKERS.keys():
+            opt, val = NBVAL_MARKERS[name] if isinstance(NBVAL_MARKERS[name], tuple) else (NBVAL_MARKERS[name], True)
+            item.options[opt] = val
         reason = skip_reason(item.cell, skip_flags)
         if reason:
             item.add_marker(pytest.mark.skip(reason=reason))
+        elif item.cell.get("execution_count") is None and item.cell.get("outputs"):
+            item.cell["execution_count"] = item.cell_num + 1  # see the module docstring

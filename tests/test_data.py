@@ -1,0 +1,243 @@
+"""The synthetic VQA data and the tiny tokenizer (nbs/09_data.ipynb): determinism, answer sets, dataset files, round trips."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nvila_lab.config import get_config
+from nvila_lab.data import (DEFAULT_TASKS, IMAGE_SIZE, SPECIAL_TOKENS, TASKS, DatasetError, SyntheticVQA, VQAFolder,
+                            _font_sha, build_tokenizer, chat_messages, encode_chat, load_dataset, load_tokenizer,
+                            make_dataset, make_sample, tokenizer_corpus)
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", optimize=True)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- samples
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_same_seed_same_bytes(task):
+    a, b = make_sample(task, seed=3, index=11), make_sample(task, seed=3, index=11)
+    assert a["image"].size == IMAGE_SIZE and a["image"].mode == "RGB"
+    assert a["image"].tobytes() == b["image"].tobytes()
+    assert _png(a["image"]) == _png(b["image"])
+    assert (a["id"], a["question"], a["answer"]) == (b["id"], b["question"], b["answer"])
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_different_seed_or_index_differs(task):
+    base = make_sample(task, seed=0, index=0)["image"].tobytes()
+    assert make_sample(task, seed=1, index=0)["image"].tobytes() != base
+    assert make_sample(task, seed=0, index=1)["image"].tobytes() != base
+
+
+def test_tasks_do_not_share_streams():
+    "The same (seed, index) in two tasks uses two different generators."
+    a, b = make_sample("colour", 0, 0), make_sample("position", 0, 0)
+    assert a["image"].tobytes() != b["image"].tobytes()
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_answers_in_answer_set(task):
+    t = TASKS[task]
+    seen = set()
+    for i in range(200):
+        s = make_sample(task, seed=7, index=i)
+        assert s["answer"] in t.answers, s
+        assert s["question"] in t.questions, s
+        seen.add(s["answer"])
+    assert t.chance == pytest.approx(1 / len(t.answers))
+    if len(t.answers) <= 10:  # 200 uniform draws hit every answer of a small set
+        assert seen == set(t.answers)
+
+
+def test_default_tasks_and_flags():
+    assert set(DEFAULT_TASKS) <= set(TASKS)
+    assert {n for n in DEFAULT_TASKS if TASKS[n].fine} == {"read_code", "count"}
+
+
+def test_bad_inputs():
+    with pytest.raises(DatasetError, match="did you mean 'colour'"):
+        make_sample("color")
+    with pytest.raises(DatasetError, match="non-negative"):
+        make_sample("count", seed=-1)
+    with pytest.raises(DatasetError, match="non-negative"):
+        make_sample("count", index=1.5)
+
+
+# ---------------------------------------------------------------- datasets on disk
+
+
+def test_make_and_load_dataset(tmp_path):
+    out = make_dataset(["count", "colour"], n=3, seed=4, out_dir=tmp_path / "ds", progress=False)
+    rows = load_dataset(out)
+    assert [r["task"] for r in rows] == ["count", "colour"] * 3
+    for r in rows:
+        assert {"id", "task", "image", "question", "answer", "image_path"} <= set(r)
+        s = make_sample(r["task"], 4, r["index"])
+        assert (r["id"], r["question"], r["answer"]) == (s["id"], s["question"], s["answer"])
+        with Image.open(r["image_path"]) as im:
+            assert np.asarray(im.convert("RGB")).tobytes() == s["image"].tobytes()
+    # the on-the-fly dataset gives the same rows, in the same order
+    syn = SyntheticVQA(["count", "colour"], n=3, seed=4)
+    folder = VQAFolder(out)
+    assert len(syn) == len(folder) == 6
+    for i in range(6):
+        assert syn[i]["id"] == folder[i]["id"]
+        assert syn[i]["image"].tobytes() == folder[i]["image"].tobytes()
+    assert len(VQAFolder(out, tasks=["colour"])) == 3
+
+
+def test_overwrite_protection(tmp_path):
+    out = make_dataset("colour", n=2, seed=0, out_dir=tmp_path, progress=False)
+    before = (out / "data.jsonl").read_text()
+    with pytest.raises(FileExistsError, match="not empty"):
+        make_dataset("count", n=2, seed=0, out_dir=tmp_path, progress=False)
+    assert (out / "data.jsonl").read_text() == before  # nothing was touched
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "images" / "mine.png").write_bytes(b"user file")
+    make_dataset("count", n=1, seed=0, out_dir=tmp_path, progress=False, overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # not written by make_dataset: kept
+    assert (tmp_path / "images" / "mine.png").read_bytes() == b"user file"
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["count_0_00000.png", "mine.png"]
+    assert [r["id"] for r in load_dataset(tmp_path)] == ["count_0_00000"]
+
+
+def test_non_empty_user_folder_refused(tmp_path):
+    (tmp_path / "precious.txt").write_text("do not delete")
+    with pytest.raises(FileExistsError):
+        make_dataset(None, n=1, seed=0, out_dir=tmp_path, progress=False)
+    assert (tmp_path / "precious.txt").exists() and not (tmp_path / "images").exists()
+
+
+def test_load_dataset_errors(tmp_path):
+    with pytest.raises(DatasetError, match="no such folder"):
+        load_dataset(tmp_path / "nope")
+    with pytest.raises(DatasetError, match="no data.jsonl"):
+        load_dataset(tmp_path)
+    out = make_dataset("position", n=2, seed=0, out_dir=tmp_path / "ds", progress=False)
+    jl = out / "data.jsonl"
+    good = jl.read_text()
+    jl.write_text(good + "not json\n")
+    with pytest.raises(DatasetError, match=r"data\.jsonl:3: not valid JSON"):
+        load_dataset(out)
+    row = json.loads(good.splitlines()[1])
+    del row["question"]
+    jl.write_text(good.splitlines()[0] + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DatasetError, match=r"data\.jsonl:2: missing .*'question'"):
+        load_dataset(out)
+    jl.write_text(good + good.splitlines()[0] + "\n")
+    with pytest.raises(DatasetError, match=r":3: duplicate id"):
+        load_dataset(out)
+    jl.write_text(good)
+    (out / "images" / "position_0_00000.png").unlink()
+    with pytest.raises(DatasetError, match=r"data\.jsonl:1: image 'images/position_0_00000.png' not found"):
+        load_dataset(out)
+    jl.write_text("\n")
+    with pytest.raises(DatasetError, match="no examples"):
+        load_dataset(out)
+
+
+def test_make_dataset_bad_args(tmp_path):
+    with pytest.raises(DatasetError, match="positive integer"):
+        make_dataset("count", n=0, seed=0, out_dir=tmp_path / "a", progress=False)
+    with pytest.raises(DatasetError, match="repeats"):
+        make_dataset(["count", "count"], n=1, seed=0, out_dir=tmp_path / "b", progress=False)
+    with pytest.raises(DatasetError, match="unknown task"):
+        make_dataset(["cont"], n=1, seed=0, out_dir=tmp_path / "c", progress=False)
+    assert not any(tmp_path.iterdir())  # argument errors write nothing
+
+
+# ---------------------------------------------------------------- the shipped sample
+
+
+def test_shipped_sample_matches_regeneration(root):
+    rows = load_dataset(root / "data_samples" / "vqa")
+    assert len(rows) == 64 * len(DEFAULT_TASKS)
+    assert {r["task"] for r in rows} == set(DEFAULT_TASKS)
+    meta = json.loads((root / "data_samples" / "vqa" / "meta.json").read_text())
+    same_font = meta["font_sha256"] == _font_sha()
+    for r in rows[::29]:
+        s = make_sample(r["task"], r["seed"], r["index"])
+        assert (s["id"], s["question"], s["answer"]) == (r["id"], r["question"], r["answer"])
+        with Image.open(r["image_path"]) as im:
+            shipped = np.asarray(im.convert("RGB"))
+        new = np.asarray(s["image"])
+        assert shipped.shape == new.shape
+        if same_font:
+            assert shipped.tobytes() == new.tobytes(), r["id"]
+        else:  # another font file (or Pillow's rasteriser) may move a few glyph pixels, nothing more
+            assert (shipped != new).any(-1).mean() < 0.02, r["id"]
+    size = sum(p.stat().st_size for p in (root / "data_samples" / "vqa").rglob("*") if p.is_file())
+    assert size < 3 * 2 ** 20
+
+
+def test_load_dataset_default_is_shipped_sample():
+    assert len(load_dataset()) == 64 * len(DEFAULT_TASKS)
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def test_vocab_fits_tiny(tok):
+    assert len(tok) <= get_config("tiny").vocab_size
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+
+
+def test_round_trips(tok):
+    for t in TASKS.values():
+        for text in t.questions + t.answers:
+            ids = tok.encode(text, add_special_tokens=False)
+            assert tok.decode(ids) == text
+            # every word is one token: as many ids as pre-tokenizer pieces
+            assert len(ids) == len(tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)), text
+    for text in tokenizer_corpus()[::17] + ["Ünïcode ½\tand  two  spaces\n\n", "x" * 50, " leading space"]:
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+
+
+def test_single_tokens(tok):
+    for s in list(SPECIAL_TOKENS) + ["\n"] + [str(d) for d in range(10)]:
+        ids = tok.encode(s, add_special_tokens=False)
+        assert len(ids) == 1, (s, ids)
+    ids = tok.encode("<image>\n<image>", add_special_tokens=False)
+    assert ids[0] == ids[2] == tok.convert_tokens_to_ids("<image>") and len(ids) == 3
+    assert tok.convert_ids_to_tokens(tok.encode("1234", add_special_tokens=False)) == ["1", "2", "3", "4"]
+    for w in ("system", "user", "assistant"):
+        assert len(tok.encode(w, add_special_tokens=False)) == 1
+
+
+def test_chat_template(tok):
+    prompt = tok.apply_chat_template(chat_messages("Count the dots."), tokenize=False, add_generation_prompt=True)
+    assert prompt == ("<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\n<image>\n"
+                      "Count the dots.<|im_end|>\n<|im_start|>assistant\n")
+    full = tok.apply_chat_template(chat_messages("Count the dots.", "4"), tokenize=False)
+    assert full == prompt + "4<|im_end|>"
+    ids, labels = encode_chat(tok, "Where is the shape?", "bottom right")
+    assert len(ids) == len(labels)
+    assert tok.decode([i for i, l in zip(ids, labels) if l != -100]) == "bottom right<|im_end|>"
+    assert ids[-1] == tok.eos_token_id
+
+
+def test_shipped_tokenizer_is_what_build_makes(tok):
+    built = build_tokenizer()
+    assert built.get_vocab() == tok.get_vocab()
+    for text in tokenizer_corpus()[::23]:
+        assert built.encode(text) == tok.encode(text)
+
+
+def test_load_tokenizer_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer in"):
+        load_tokenizer(tmp_path)
