@@ -1,0 +1,258 @@
+"""Headless tests of the token-budget dashboard (nvila_lab.dash): set widget values, check the state and the HTML.
+
+Outside a kernel, ipywidgets 8 runs observers synchronously when a `.value` is set, so every check can read
+the new outputs on the next line. The browser test (tests/test_browser.py) checks the same thing in JupyterLab.
+"""
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("ipywidgets")
+pytest.importorskip("matplotlib")
+
+from nvila_lab.budget import image_budget  # noqa: E402
+from nvila_lab.config import list_presets  # noqa: E402
+from nvila_lab.dash import TokenDashboard, build_token_dashboard, default_images, human_flops, parse_scales  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def as_upload(name: str, data: bytes) -> tuple[dict, ...]:
+    "What ipywidgets 8's FileUpload holds after a user picks one file."
+    return ({"name": name, "type": "", "size": len(data), "content": memoryview(data),
+             "last_modified": datetime.datetime.now(datetime.timezone.utc)},)
+
+
+def png_bytes(size=(800, 600), colour="teal") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return default_images()
+
+
+@pytest.fixture
+def dash(samples):
+    d = build_token_dashboard(samples)
+    yield d
+    d.close()
+
+
+def test_defaults_show_nvila_8b_on_the_document(dash):
+    assert isinstance(dash, TokenDashboard)
+    assert (dash.image.value, dash.preset.value, dash.mode.value) == ("document.png", "nvila-8b", "dynamic_s2")
+    assert (dash.scales.value, dash.compressor.value, dash.max_tiles.value) == ("448,896,1344", "stc2x2", 12)
+    b = dash.budget
+    assert (b.grid, b.vit_passes, b.visual_tokens, b.separators) == ((4, 3), 17, 3072, 1)
+    assert b.llm_positions == 3072 + 1 + dash.text_tokens.value
+    assert dash.message == "" and dash.msg.value == ""
+    assert "3,072" in dash.summary.value and "3,072" in dash.table.value
+    assert "TFLOPs" in dash.table.value
+    assert bytes(dash.picture.value).startswith(PNG_MAGIC) and bytes(dash.chart.value).startswith(PNG_MAGIC)
+    # the numbers are image_budget's, for the same config
+    assert dash.budget == image_budget((1344, 896), dash.config, text_tokens=dash.text_tokens.value)
+
+
+def test_controls_cover_presets_modes_and_compressors(dash):
+    from nvila_lab.compress import available_compressors
+    from nvila_lab.config import TILING_MODES
+    assert list(dash.preset.options) == list_presets()
+    assert [v for _, v in dash.mode.options] == list(TILING_MODES)
+    assert set(available_compressors()) <= set(dash.compressor.options)
+    assert [v for _, v in dash.image.options] == ["document.png", "grace_hopper.jpg", "panorama.png"]
+
+
+def test_preset_switch_resets_the_controls(dash):
+    dash.preset.value = "nvila-lite-2b"
+    assert (dash.mode.value, dash.compressor.value, dash.max_tiles.value) == ("dynamic", "stc3x3", 12)
+    assert (dash.budget.tiles, dash.budget.visual_tokens, dash.budget.vit_passes) == (7, 847, 7)
+    assert "847" in dash.summary.value
+    assert dash.scales.disabled and not dash.max_tiles.disabled
+    dash.preset.value = "nvila-8b"
+    assert dash.budget.visual_tokens == 3072 and not dash.scales.disabled
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_preset_gives_a_budget(dash, preset):
+    dash.preset.value = preset
+    assert dash.message == ""
+    assert dash.budget.preset == preset and dash.budget.visual_tokens > 0
+
+
+def test_scales_change_the_passes_and_the_slider_bounds(dash):
+    assert dash.max_tiles.min == 9
+    dash.scales.value = "448,896"
+    assert dash.max_tiles.min == 4
+    assert (dash.budget.grid, dash.budget.vit_passes) == ((3, 2), 1 + 6)
+    dash.max_tiles.value = 4
+    assert (dash.budget.grid, dash.budget.vit_passes, dash.budget.visual_tokens) == ((2, 2), 5, 4 * 256)
+    dash.scales.value = "448,896,1344,1792"  # at least 16 tiles at 1792: the value follows the new minimum
+    assert (dash.max_tiles.min, dash.max_tiles.value) == (16, 16)
+    assert dash.max_tiles.max >= 16 + 12
+    assert dash.budget.vit_passes == 1 + 4 + 9 + 16
+    dash.scales.value = "448, 896, 1344"
+    assert dash.max_tiles.min == 9 and dash.max_tiles.value == 16  # a larger value stays allowed
+    dash.max_tiles.value = 9
+    assert (dash.budget.grid, dash.budget.visual_tokens) == ((3, 3), 2304)
+
+
+def test_slider_bounds_follow_the_mode(dash):
+    dash.mode.value = "dynamic"
+    assert dash.max_tiles.min == 1 and not dash.max_tiles.disabled
+    dash.max_tiles.value = 1
+    assert (dash.budget.vit_passes, dash.budget.visual_tokens) == (1, 256)  # one tile, no thumbnail
+    for mode in ("s2", "resize"):
+        dash.mode.value = mode
+        assert dash.max_tiles.disabled
+    assert (dash.budget.vit_passes, dash.budget.visual_tokens) == (1, 256)
+    dash.mode.value = "s2"
+    assert not dash.scales.disabled
+    assert (dash.budget.vit_passes, dash.budget.visual_tokens) == (1 + 4 + 9, 256)  # merged to the smallest scale
+
+
+@pytest.mark.parametrize("text, words", [("448,abc", "not pixel sizes"), ("", "not pixel sizes"),
+                                         ("448,900", "multiple"), ("896,448", "increasing"), ("0,448", "positive"),
+                                         ("448,8960", "larger than this dashboard allows")])
+def test_invalid_scales_show_a_message_and_keep_the_state(dash, text, words):
+    before = (dash.budget, dash.table.value, dash.picture.value, dash.max_tiles.min)
+    dash.scales.value = text
+    assert words in dash.message, dash.message
+    assert "#a02020" in dash.msg.value and words in dash.msg.value  # shown, in red
+    assert (dash.budget, dash.table.value, dash.picture.value, dash.max_tiles.min) == before
+    dash.scales.value = "448,896,1344"
+    assert dash.message == "" and dash.msg.value == ""
+
+
+def test_compressor_and_text_tokens(dash):
+    dash.compressor.value = "stc3x3"
+    assert dash.budget.visual_tokens == 12 * 121
+    dash.compressor.value = "avgpool"
+    assert dash.budget.visual_tokens == 3072
+    assert dash.budget.projector_flops < image_budget((1344, 896), "nvila-8b").projector_flops
+    dash.compressor.value = "tokenlearner"
+    assert dash.budget.visual_tokens == 12 * 121
+    dash.text_tokens.value = 1024
+    assert dash.budget.llm_positions == 12 * 121 + 1 + 1024
+
+
+def test_change_column_and_references(dash):
+    dash.max_tiles.value = 9
+    assert "\u2212768" in dash.table.value  # 4x3 -> 3x3 tiles: 768 visual tokens fewer
+    assert "was 4 x 3" in dash.table.value
+    refs = dash.references
+    assert set(refs) == {"nvila-8b as shipped", "resize baseline (1 tile)"}
+    assert refs["nvila-8b as shipped"].visual_tokens == 3072
+    assert (refs["resize baseline (1 tile)"].vit_passes, refs["resize baseline (1 tile)"].visual_tokens) == (1, 256)
+
+
+def test_image_choice_and_upload(dash):
+    dash.image.value = "panorama.png"
+    assert dash.budget.input == "1600x400" and dash.budget.grid == (6, 2)
+    dash.upload.value = as_upload("tall.png", png_bytes((300, 1800)))
+    assert dash.message == ""
+    assert dash.image.value == "upload: tall.png" and dash.budget.input == "300x1800"
+    assert "upload: tall.png" in [v for _, v in dash.image.options]
+    assert dash.upload.value == ()  # cleared, so the same file can be picked again
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image at all", png_bytes()[:60]])
+def test_bad_upload_shows_the_image_error(dash, data):
+    before = (dash.image.value, dash.budget)
+    dash.upload.value = as_upload("broken.png", data)  # must not raise
+    assert dash.message.startswith("upload 'broken.png': "), dash.message
+    assert "broken.png" in dash.msg.value
+    assert (dash.image.value, dash.budget) == before
+    assert "upload: broken.png" not in [v for _, v in dash.image.options]
+
+
+def test_add_image_api(dash):
+    from nvila_lab.images import ImageError
+    assert dash.add_image("square", Image.new("RGB", (448, 448))) == "square"
+    assert (dash.image.value, dash.budget.grid, dash.budget.visual_tokens) == ("square", (3, 3), 2304)
+    with pytest.raises(ImageError):
+        dash.add_image("bad", b"nope")
+
+
+def test_hold_updates_once(dash, monkeypatch):
+    n = []
+    monkeypatch.setattr(dash, "_chart_png", lambda real=dash._chart_png: n.append(1) or real())
+    with dash.hold():
+        dash.preset.value = "nvila-lite-2b"
+        dash.max_tiles.value = 6
+        assert dash.budget.visual_tokens == 3072 and n == []  # nothing recomputed inside the block
+    assert (dash.budget.preset, dash.budget.vit_passes) == ("nvila-lite-2b", 6 + 1)
+    assert len(n) == 1
+
+
+def test_fallback_images_without_the_samples_folder(tmp_path):
+    imgs = default_images(tmp_path / "missing")
+    assert sorted(imgs) == ["document (drawn)", "panorama (drawn)"]
+    d = build_token_dashboard(imgs, preset="nvila-lite-2b")
+    assert d.image.value == "document (drawn)" and d.budget.visual_tokens == 847
+    d.close()
+
+
+def test_unknown_preset_raises_at_build():
+    from nvila_lab.config import ConfigError
+    with pytest.raises(ConfigError, match="did you mean 'nvila-8b'"):
+        build_token_dashboard(preset="nvila-8")
+
+
+def test_static_copy_and_repr(dash):
+    bundle = dash._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert "3,072" in bundle["text/html"] and "data:image/png;base64," in bundle["text/html"]
+    assert repr(dash) == "TokenDashboard(nvila-8b, document.png: 3072 visual tokens, 17 vision passes)"
+
+
+def test_helpers():
+    assert human_flops(61.8e12) == "61.8 TFLOPs" and human_flops(5e6) == "5 MFLOPs"
+    assert parse_scales("448 896\t1344") == (448, 896, 1344)
+    with pytest.raises(ValueError, match="not pixel sizes"):
+        parse_scales("448,-896")
+
+
+def test_updates_are_fast(dash):
+    "An update at the real presets' sizes takes well under a second (about 50 ms on a 2-core CPU)."
+    moves = [("max_tiles", 9), ("max_tiles", 12), ("compressor", "stc3x3"), ("compressor", "stc2x2"),
+             ("image", "grace_hopper.jpg"), ("image", "document.png"), ("scales", "448,896"),
+             ("scales", "448,896,1344"), ("text_tokens", 1024)]
+    times = []
+    for attr, value in moves * 2:
+        t0 = time.perf_counter()
+        getattr(dash, attr).value = value
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    assert times[len(times) // 2] < 0.5, times
+
+
+def test_core_modules_never_import_the_dashboard():
+    "Importing every core module loads neither nvila_lab.dash nor ipywidgets/matplotlib."
+    core = [f"nvila_lab.{p.stem}" for p in sorted((ROOT / "nvila_lab").glob("*.py"))
+            if p.stem not in ("__init__", "_modidx", "dash", "cli")]
+    code = ("import importlib, json, sys\n"
+            f"for m in ['nvila_lab'] + {core!r}: importlib.import_module(m)\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m == 'nvila_lab.dash' or "
+            "m.split('.')[0] in ('ipywidgets', 'matplotlib'))))\n")
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == []
+    # and no core source mentions the dashboard module
+    for p in (ROOT / "nvila_lab").glob("*.py"):
+        if p.stem not in ("dash", "cli", "_modidx"):
+            assert "nvila_lab.dash" not in p.read_text() and "import ipywidgets" not in p.read_text(), p
