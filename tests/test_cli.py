@@ -220,3 +220,313 @@ def test_presets_and_version_do_not_import_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------- make-data
+
+def test_make_data_writes_the_dataset(tmp_path):
+    from nvila_lab.data import load_dataset, make_dataset
+    out = tmp_path / "set"
+    r = cli("make-data", "--task", "count", "--task", "position", "--n", "3", "--seed", "5", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""  # no progress bar when stderr is not a terminal
+    assert r.stdout.startswith("wrote 6 examples (3 per task x 2 tasks: count, position; seed 5) to ")
+    assert sorted(p.name for p in out.iterdir()) == ["data.jsonl", "images", "meta.json"]
+    rows = load_dataset(out)
+    assert [r["id"] for r in rows] == [f"{t}_5_{i:05d}" for i in range(3) for t in ("count", "position")]
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["tasks"], meta["n_per_task"], meta["seed"]) == (["count", "position"], 3, 5)
+    ref = load_dataset(make_dataset(["count", "position"], n=3, seed=5, out_dir=tmp_path / "ref", progress=False))
+    assert [(a["question"], a["answer"]) for a in rows] == [(b["question"], b["answer"]) for b in ref]
+    from pathlib import Path
+    assert [Path(a["image_path"]).read_bytes() for a in rows] == [Path(b["image_path"]).read_bytes() for b in ref]
+
+
+def test_make_data_default_tasks_and_seed(tmp_path):
+    from nvila_lab.data import DEFAULT_TASKS, load_dataset
+    r = cli("make-data", "--n", "1", "--out", str(tmp_path / "d"))
+    assert r.returncode == 0, r.stderr
+    rows = load_dataset(tmp_path / "d")
+    assert [r["task"] for r in rows] == list(DEFAULT_TASKS)
+    assert all(r["seed"] == 0 for r in rows)
+
+
+def test_make_data_overwrite_keeps_foreign_files(tmp_path):
+    out = tmp_path / "set"
+    assert cli("make-data", "--task", "colour", "--n", "2", "--out", str(out)).returncode == 0
+    (out / "notes.txt").write_text("mine")
+    r = cli("make-data", "--task", "count", "--n", "1", "--out", str(out))
+    assert r.returncode == 2 and "is not empty" in r.stderr and "--overwrite" in r.stderr
+    r = cli("make-data", "--task", "count", "--n", "1", "--out", str(out), "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["count_0_00000.png"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_make_data_list():
+    from nvila_lab.data import DEFAULT_TASKS, TASKS
+    r = cli("make-data", "--list")
+    assert r.returncode == 0 and r.stderr == ""
+    head, rule, *rows = r.stdout.splitlines()
+    assert head.split() == ["task", "answers", "chance", "needs", "default", "description"]
+    assert set(rule) <= {"-", " "}
+    assert [row.split()[0] for row in rows] == list(TASKS)
+    by_name = {row.split()[0]: row for row in rows}
+    assert by_name["read_code"].split()[:5] == ["read_code", "100", "1.0%", "fine", "yes"]
+    assert by_name["read_digit"].split()[:4] == ["read_digit", "10", "10.0%", "fine"]
+    assert by_name["colour"].split()[:5] == ["colour", "6", "16.7%", "coarse", "yes"]
+    assert by_name["count"].split()[:3] == ["count", "5", "20.0%"]
+    assert {n for n, row in by_name.items() if row.split()[4] == "yes"} == set(DEFAULT_TASKS)
+    for name, t in TASKS.items():
+        assert by_name[name].endswith(t.description)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "cout", "--n", "2"], "unknown task 'cout'; did you mean 'count'?"),
+    (["--task", "nonsense_task", "--n", "2"], "unknown task 'nonsense_task'"),
+    (["--n", "0"], "argument --n: must be at least 1"),
+    (["--n", "-3"], "argument --n: must be at least 1"),
+    (["--n", "two"], "argument --n: must be a whole number"),
+    (["--n", "2", "--seed", "-1"], "argument --seed: must be 0 or more"),
+    (["--n", "2", "--task", "count", "--task", "count"], "given more than once"),
+    ([], "give --n N (examples per task)"),
+    (["--list", "--n", "2"], "--list takes no other options"),
+    (["--n", "2", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_make_data_errors(tmp_path, args, message):
+    out = ["--out", str(tmp_path / "new")] if args and args != ["--list", "--n", "2"] else []
+    r = cli("make-data", *args, *out)
+    assert r.returncode == 2
+    assert message in r.stderr, r.stderr
+    assert r.stderr.startswith("nvila-lab make-data: error: ") and r.stderr.count("\n") == 1
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert not (tmp_path / "new").exists()
+
+
+def test_make_data_out_is_a_file(tmp_path):
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    r = cli("make-data", "--n", "1", "--out", str(f))
+    assert r.returncode == 2 and "is a file" in r.stderr and r.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------- ask and eval
+#
+# In-process through `main`, with `nvila_lab.checkpoint.load_nvila` replaced by a stub (the checks that need no
+# model run before it is imported); plus one real round trip through a saved tiny checkpoint.
+
+from nvila_lab.cli import main  # noqa: E402
+
+
+class StubModel:
+    "What the CLI needs of an NVILAModel: `.generate`. Records its calls; answers `answer`."
+    def __init__(self, answer="3"):
+        self.answer, self.calls = answer, []
+
+    def generate(self, image, question, max_new_tokens=16, do_sample=False, temperature=1.0, top_p=1.0, seed=None):
+        self.calls.append(dict(image=image, question=question, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                               temperature=temperature, seed=seed))
+        return self.answer
+
+
+@pytest.fixture
+def stub(monkeypatch):
+    "Replace load_nvila by a stub returning a StubModel; the stub records (path, device)."
+    ckpt = pytest.importorskip("nvila_lab.checkpoint")
+    model, loads = StubModel(), []
+
+    def fake_load(path, device=None, dtype=None, strict=True):
+        loads.append((str(path), device))
+        return model
+    monkeypatch.setattr(ckpt, "load_nvila", fake_load)
+    model.loads = loads
+    return model
+
+
+@pytest.fixture(scope="module")
+def image_path():
+    from nvila_lab.data import load_dataset
+    return load_dataset()[1]["image_path"]  # count_0_00000
+
+
+def run_main(capsys, *argv) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    o, e = capsys.readouterr()
+    return rc, o, e
+
+
+def test_ask_prints_the_answer(tmp_path, stub, capsys, image_path):
+    rc, o, e = run_main(capsys, "ask", "--checkpoint", str(tmp_path), image_path, "How many dots are there?")
+    assert (rc, o, e) == (0, "3\n", "")
+    assert stub.loads == [(str(tmp_path), None)]
+    [call] = stub.calls
+    assert call["question"] == "How many dots are there?"
+    assert call["image"].size == (256, 192)  # loaded by the CLI, before the model
+    assert (call["max_new_tokens"], call["do_sample"], call["seed"]) == (16, False, None)
+
+
+def test_ask_sampling_options(tmp_path, stub, capsys, image_path):
+    rc, o, _ = run_main(capsys, "ask", "--checkpoint", str(tmp_path), image_path, "Count the dots.", "--sample",
+                        "--temperature", "0.7", "--seed", "4", "--max-new-tokens", "3", "--device", "cpu")
+    assert (rc, o) == (0, "3\n")
+    [call] = stub.calls
+    assert (call["max_new_tokens"], call["do_sample"], call["temperature"], call["seed"]) == (3, True, 0.7, 4)
+    assert stub.loads == [(str(tmp_path), "cpu")]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "{tmp}/nope", "{img}", "How many?"], "checkpoint folder '{tmp}/nope' not found"),
+    (["--checkpoint", "{tmp}/file.txt", "{img}", "How many?"], "is a file; pass the checkpoint folder"),
+    (["--checkpoint", "{tmp}", "{tmp}/file.txt", "How many?"], "not an image Pillow can read"),
+    (["--checkpoint", "{tmp}", "{tmp}/missing.png", "How many?"], "no such file"),
+    (["--checkpoint", "{tmp}", "{tmp}", "How many?"], "is a folder, not an image file"),
+    (["--checkpoint", "{tmp}", "{img}", ""], "the question is empty"),
+    (["--checkpoint", "{tmp}", "{img}", "   "], "the question is empty"),
+    (["--checkpoint", "{tmp}", "{img}", "How", "many?"], "put the question in quotes"),
+    (["--checkpoint", "{tmp}", "{img}", "How many?", "--seed", "1"], "--seed only applies with --sample"),
+    (["--checkpoint", "{tmp}", "{img}", "How many?", "--temperature", "2"], "--temperature only applies with --sample"),
+    (["--checkpoint", "{tmp}", "{img}", "How many?", "--sample", "--temperature", "-1"], "must be a finite number above 0"),
+    (["--checkpoint", "{tmp}", "{img}", "How many?", "--max-new-tokens", "0"], "must be at least 1"),
+    (["{img}", "How many?"], "the following arguments are required: --checkpoint"),
+    (["--checkpoint", "{tmp}", "{img}"], "the following arguments are required: QUESTION"),
+])
+def test_ask_errors_before_loading(tmp_path, stub, capsys, image_path, argv, message):
+    (tmp_path / "file.txt").write_text("not an image")
+    fill = lambda s: s.format(tmp=tmp_path, img=image_path)
+    rc, o, e = run_main(capsys, "ask", *map(fill, argv))
+    assert rc == 2 and o == ""
+    assert fill(message) in e, e
+    assert e.startswith("nvila-lab ask: error: ") and e.count("\n") == 1 and "Traceback" not in e
+    assert stub.loads == []  # refused before the model was loaded
+
+
+def test_ask_model_errors_are_one_line(tmp_path, stub, capsys, image_path):
+    def bad_generate(*a, **k):
+        raise ValueError("the question has 2 <image> placeholder(s) but 1 item(s) were given;\nuse one per item")
+    stub.generate = bad_generate
+    rc, o, e = run_main(capsys, "ask", "--checkpoint", str(tmp_path), image_path, "<image> vs <image>")
+    assert rc == 2 and "2 <image> placeholder(s)" in e and e.count("\n") == 1
+
+
+def test_ask_not_a_checkpoint(tmp_path, capsys, image_path):
+    "The real load_nvila on an empty folder: its CheckpointError on one line."
+    pytest.importorskip("nvila_lab.checkpoint")
+    rc, o, e = run_main(capsys, "ask", "--checkpoint", str(tmp_path), image_path, "How many dots are there?")
+    assert rc == 2 and o == ""
+    assert e.startswith("nvila-lab ask: error: cannot load the checkpoint: ") and e.count("\n") == 1, e
+    assert "Traceback" not in e
+
+
+def test_eval_prints_accuracy_per_task(tmp_path, stub, capsys):
+    from nvila_lab.data import load_dataset, make_dataset
+    data = make_dataset(["count", "colour"], n=5, seed=2, out_dir=tmp_path / "set", progress=False)
+    rows = load_dataset(data)
+    threes = sum(r["answer"] == "3" for r in rows)
+    rc, o, e = run_main(capsys, "eval", "--checkpoint", str(tmp_path), "--data", str(data))
+    assert (rc, e) == (0, "")
+    lines = o.splitlines()
+    assert lines[0] == f"checkpoint {tmp_path} on {data}"
+    assert lines[1].split()[:5] == ["task", "n", "correct", "accuracy", "chance"]
+    count = lines[3].split()
+    assert count[:3] == ["count", "5", str(threes)] and count[4] == "20.0%"
+    assert lines[4].split()[:4] == ["colour", "5", "0", "0.0%"]
+    assert lines[6].split()[:3] == ["overall", "10", str(threes)]
+    assert {(c["max_new_tokens"], c["do_sample"]) for c in stub.calls} == {(8, False)}  # greedy
+
+
+def test_eval_json_and_limit(tmp_path, stub, capsys):
+    from nvila_lab.data import make_dataset
+    data = make_dataset(["count", "colour", "position"], n=4, seed=1, out_dir=tmp_path / "set", progress=False)
+    rc, o, e = run_main(capsys, "eval", "--checkpoint", str(tmp_path), "--data", str(data), "--json", "--limit", "5",
+                        "--max-new-tokens", "3")
+    assert (rc, e) == (0, "")
+    d = json.loads(o)
+    assert (d["n"], d["checkpoint"], d["data"], d["max_new_tokens"], d["decoding"]) == \
+        (5, str(tmp_path), str(data), 3, "greedy")
+    assert {t: v["n"] for t, v in d["tasks"].items()} == {"count": 2, "colour": 2, "position": 1}
+    assert d["tasks"]["position"]["chance"] == 0.25
+    assert {"accuracy", "macro_accuracy", "chance", "errors", "seconds"} <= d.keys()
+    assert len(stub.calls) == 5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "{tmp}", "--data", "{tmp}/nope"], "data folder '{tmp}/nope' not found"),
+    (["--checkpoint", "{tmp}", "--data", "{tmp}"], "has no data.jsonl, so it is not a dataset"),
+    (["--checkpoint", "{tmp}", "--data", "{tmp}/file.txt"], "is a file, not a dataset folder"),
+    (["--checkpoint", "{tmp}/nope", "--data", "{tmp}"], "checkpoint folder '{tmp}/nope' not found"),
+    (["--checkpoint", "{tmp}", "--data", "{tmp}/bad"], "data.jsonl:1: not valid JSON"),
+    (["--checkpoint", "{tmp}", "--data", "{tmp}/set", "--limit", "0"], "argument --limit: must be at least 1"),
+    (["--data", "{tmp}/set"], "the following arguments are required: --checkpoint"),
+    (["--checkpoint", "{tmp}"], "the following arguments are required: --data"),
+])
+def test_eval_errors_before_loading(tmp_path, stub, capsys, argv, message):
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "data.jsonl").write_text("{oops\n")
+    fill = lambda s: s.format(tmp=tmp_path)
+    rc, o, e = run_main(capsys, "eval", *map(fill, argv))
+    assert rc == 2 and o == ""
+    assert fill(message) in e, e
+    assert e.startswith("nvila-lab eval: error: ") and e.count("\n") == 1 and "Traceback" not in e
+    assert stub.loads == []
+
+
+def test_eval_bad_image_in_the_data(tmp_path, stub, capsys):
+    from nvila_lab.data import make_dataset
+    data = make_dataset(["count"], n=2, seed=0, out_dir=tmp_path / "set", progress=False)
+    (data / "images" / "count_0_00001.png").write_bytes(b"not a png")
+
+    class Loads(StubModel):  # a model that opens its image, as the real one does
+        def generate(self, image, question, **kw):
+            from nvila_lab.images import load_image
+            load_image(image)
+            return "1"
+    stub.generate = Loads().generate
+    rc, o, e = run_main(capsys, "eval", "--checkpoint", str(tmp_path), "--data", str(data))
+    assert rc == 2 and "count_0_00001.png: not an image Pillow can read" in e and e.count("\n") == 1
+
+
+def test_eval_not_a_checkpoint(tmp_path, capsys):
+    pytest.importorskip("nvila_lab.checkpoint")
+    from nvila_lab.data import make_dataset
+    data = make_dataset(["count"], n=1, seed=0, out_dir=tmp_path / "set", progress=False)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    rc, o, e = run_main(capsys, "eval", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(data))
+    assert rc == 2 and o == ""
+    assert e.startswith("nvila-lab eval: error: cannot load the checkpoint: ") and e.count("\n") == 1, e
+
+
+def test_ask_and_eval_with_a_saved_tiny_checkpoint(tmp_path, image_path):
+    "End to end, as real processes: save the untrained tiny model, ask it, evaluate it."
+    ckpt = pytest.importorskip("nvila_lab.checkpoint")
+    if not hasattr(ckpt, "save_nvila"):
+        pytest.skip("nvila_lab.checkpoint has no save_nvila yet")
+    from nvila_lab.data import load_tokenizer, make_dataset
+    from nvila_lab.model import NVILAModel
+    folder = ckpt.save_nvila(NVILAModel("tiny", load_tokenizer()), tmp_path / "tiny")
+    greedy = [cli("ask", "--checkpoint", str(folder), image_path, "How many dots?", "--max-new-tokens", "4")
+              for _ in range(2)]
+    assert greedy[0].returncode == 0, greedy[0].stderr
+    assert greedy[0].stdout == greedy[1].stdout and greedy[0].stdout.endswith("\n")  # untrained junk, but repeatable
+    sampled = [cli("ask", "--checkpoint", str(folder), image_path, "Count the dots.", "--sample", "--seed", "3").stdout
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    data = make_dataset(["count", "colour"], n=2, seed=9, out_dir=tmp_path / "set", progress=False)
+    r = cli("eval", "--checkpoint", str(folder), "--data", str(data), "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert (d["n"], list(d["tasks"])) == (4, ["count", "colour"])
+    assert d["accuracy"] <= d["chance"]
+
+
+def test_model_commands_stay_lazy():
+    "Importing the CLI, listing tasks and asking for help load neither torch nor transformers."
+    code = ("import sys, contextlib, io\nfrom nvila_lab.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert main(['make-data', '--list']) == 0\n"
+            "    assert main(['ask', '--help']) == 0 and main(['eval', '--help']) == 0\n"
+            "print(sorted({'torch', 'transformers'} & {m.split('.')[0] for m in sys.modules}))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
