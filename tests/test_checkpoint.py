@@ -77,7 +77,9 @@ def released_style(src: Path, dst: Path, drop_media: bool = True) -> Path:
         tj["model"]["vocab"] = {s: shift(i) for s, i in tj["model"]["vocab"].items() if i not in gone}
         (dst / "llm/tokenizer.json").write_text(json.dumps(tj))
         tc = json.loads((dst / "llm/tokenizer_config.json").read_text())
-        tc["extra_special_tokens"] = [t for t in tc.get("extra_special_tokens", []) if t not in MEDIA_TOKENS.values()]
+        for key in ("extra_special_tokens", "additional_special_tokens"):
+            if key in tc:
+                tc[key] = [t for t in tc[key] if t not in MEDIA_TOKENS.values()]
         (dst / "llm/tokenizer_config.json").write_text(json.dumps(tc))
     return dst
 

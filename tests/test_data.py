@@ -10,7 +10,7 @@ from PIL import Image
 
 from nvila_lab.config import get_config
 from nvila_lab.data import (DEFAULT_TASKS, IMAGE_SIZE, SPECIAL_TOKENS, TASKS, DatasetError, SyntheticVQA, VQAFolder,
-                            _font_sha, build_tokenizer, chat_messages, encode_chat, load_dataset, load_tokenizer,
+                            _font_sha, build_tokenizer, chat_messages, load_dataset, load_tokenizer,
                             make_dataset, make_sample, tokenizer_corpus)
 
 
@@ -221,14 +221,10 @@ def test_single_tokens(tok):
 
 def test_chat_template(tok):
     prompt = tok.apply_chat_template(chat_messages("Count the dots."), tokenize=False, add_generation_prompt=True)
-    assert prompt == ("<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\n<image>\n"
+    assert prompt == ("<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\n<image>"
                       "Count the dots.<|im_end|>\n<|im_start|>assistant\n")
     full = tok.apply_chat_template(chat_messages("Count the dots.", "4"), tokenize=False)
     assert full == prompt + "4<|im_end|>"
-    ids, labels = encode_chat(tok, "Where is the shape?", "bottom right")
-    assert len(ids) == len(labels)
-    assert tok.decode([i for i, l in zip(ids, labels) if l != -100]) == "bottom right<|im_end|>"
-    assert ids[-1] == tok.eos_token_id
 
 
 def test_shipped_tokenizer_is_what_build_makes(tok):
