@@ -51,16 +51,27 @@ def parse_size(text: str) -> tuple[int, int]:
         raise ValueError(f"size {text!r}: each side must be at most {MAX_SIDE:,} pixels")
     return w, h
 
-# %% ../nbs/80_cli.ipynb #e5c06e0a
-def _positive_int(text: str) -> int:
-    "An argparse `type` for a positive integer (argparse prefixes the message with the flag's name)."
+# %% ../nbs/80_cli.ipynb #0df09e32
+def _whole_number(text: str, least: int) -> int:
+    "Parse `text` as an integer >= `least`, or raise argparse's error (argparse prefixes it with the flag's name)."
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    if v < least:
+        raise argparse.ArgumentTypeError(("must be 0 or more" if least == 0 else f"must be at least {least}")
+                                         + f", got {v}")
     return v
+
+
+def _positive_int(text: str) -> int:
+    "An argparse `type` for an integer >= 1."
+    return _whole_number(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    "An argparse `type` for an integer >= 0."
+    return _whole_number(text, 0)
 
 
 def _add_budget(sub) -> argparse.ArgumentParser:
@@ -164,18 +175,7 @@ def _run_presets(args, out, err) -> int:
         print(f"{n:<{width}}  {preset_summary(n)}", file=out)
     return 0
 
-# %% ../nbs/80_cli.ipynb #f50c5a7c
-def _non_negative_int(text: str) -> int:
-    "An argparse `type` for a whole number >= 0."
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
-    return v
-
-
+# %% ../nbs/80_cli.ipynb #86f6b747
 def _positive_float(text: str) -> float:
     "An argparse `type` for a finite number > 0."
     try:

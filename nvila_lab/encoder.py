@@ -60,7 +60,7 @@ class VisualTokens:
         return (f"VisualTokens({self.n_tokens} tokens of width {d} in {self.n_separators} segment(s) "
                 f"-> {self.n_positions} LLM positions)")
 
-# %% ../nbs/05_encoder.ipynb #79ab868c
+# %% ../nbs/05_encoder.ipynb #56ac74e4
 class ImageEncoder(nn.Module):
     "NVILA's image path: Dynamic-S2 (or Lite / S2 / resize) tiling, SigLIP over all tiles in one batch, scale merge, per-tile projector."
     def __init__(self, cfg: NVILAConfig | str = "tiny", tower: nn.Module | None = None,
@@ -104,18 +104,7 @@ class ImageEncoder(nn.Module):
 
     def forward(self, image: ImageLike, plan: TilePlan | None = None) -> VisualTokens:
         "Encode one image (path, bytes, PIL or array) into `VisualTokens`; pass `plan` to override the config's tiling."
-        img = load_image(image)
-        plan = plan or self.plan(img.size)
-        trace = [("image (W, H)", img.size)]
-        pixels = preprocess(cut_tiles(img, plan), plan.tile).to(self.device)  # [N, 3, S, S]
-        trace.append(("tiles", tuple(pixels.shape)))
-        feats = tile_features(self.tower, pixels, self.cfg.select_layer)  # [N, h, w, C]
-        trace.append(("tile features", tuple(feats.shape)))
-        segments = merge_scales(feats, plan)  # each [tiles, h, w, C']
-        trace.append(("merged segments", tuple(tuple(s.shape) for s in segments[:2])) + (("...",) if len(segments) > 2 else ()))
-        tokens = self.project(segments, plan.segments)  # each [L_i, D]
-        trace.append(("tokens per segment", tuple(tuple(t.shape) for t in tokens[:2])) + (("...",) if len(tokens) > 2 else ()))
-        return VisualTokens(tokens, plan, trace)
+        return self.encode_batch([image], [plan] if plan is not None else None)[0]
 
     def encode_batch(self, images: list[ImageLike], plans: list[TilePlan] | None = None) -> list[VisualTokens]:
         "Encode several images with one vision-tower call and one projector call over all their tiles."
@@ -130,6 +119,15 @@ class ImageEncoder(nn.Module):
             segments += segs; grids += p.segments; counts.append(len(segs))
         tokens = self.project(segments, grids)  # each [L_i, D]
         out, k = [], 0
-        for p, n in zip(plans, counts):
-            out.append(VisualTokens(tokens[k:k + n], p)); k += n
+        for im, f, p, n in zip(imgs, feats, plans, counts):
+            segs, toks = segments[k:k + n], tokens[k:k + n]
+            trace = [("image (W, H)", im.size), ("tiles", (p.vit_passes, 3, p.tile, p.tile)),
+                     ("tile features", tuple(f.shape)), ("merged segments", _shapes(segs)),
+                     ("tokens per segment", _shapes(toks))]
+            out.append(VisualTokens(toks, p, trace)); k += n
         return out
+
+
+def _shapes(tensors: list[torch.Tensor]) -> tuple:
+    "Shapes of the first two tensors, then '...' if there are more (for readable traces)."
+    return tuple(tuple(t.shape) for t in tensors[:2]) + (("...",) if len(tensors) > 2 else ())

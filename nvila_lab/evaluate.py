@@ -158,20 +158,11 @@ class EvalReport:
             out += f"<details><summary>some errors ({len(self.errors)})</summary><ul>{items}</ul></details>"
         return out
 
-# %% ../nbs/11_eval.ipynb #688a138a
+# %% ../nbs/11_eval.ipynb #b6d56c46
 def generate_batch(model, images: Sequence, questions: Sequence[str], max_new_tokens: int = 8) -> list[str]:
     "Greedy answers of an `NVILAModel` to `(images[i], questions[i])` in one left-padded call; the same text as `model.generate` on each."
-    import torch
-    with torch.no_grad():
-        embeds, mask, _ = model.batch(list(images), list(questions))  # right-padded
-        lengths, P = mask.sum(1).tolist(), embeds.shape[1]
-        left, left_mask = torch.zeros_like(embeds), torch.zeros_like(mask)
-        for i, n in enumerate(lengths):
-            left[i, P - n:], left_mask[i, P - n:] = embeds[i, :n], 1
-        out = model.llm.generate(inputs_embeds=left, attention_mask=left_mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, temperature=None, top_p=None, top_k=None, eos_token_id=model.end_id,
-                                 pad_token_id=model.tokenizer.pad_token_id, use_cache=True)
-    return [model.tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]
+    from nvila_lab.model import NVILAModel  # one implementation: the model's own batched generation
+    return NVILAModel.generate_batch(model, images, questions, max_new_tokens=max_new_tokens)
 
 
 def _is_nvila(model) -> bool:

@@ -66,7 +66,7 @@ def user_text(question: str | bytes, n_media: int = 1, token: str = IMAGE_TOKEN)
                          f"use one placeholder per item, or none to put them all first")
     return question
 
-# %% ../nbs/07_model.ipynb #4fcbc290
+# %% ../nbs/07_model.ipynb #9823e179
 class NVILAModel(nn.Module):
     "An NVILA-style VLM: `encoder` (SigLIP tower + projector, notebook 05) and a Qwen2 `llm`, glued by the prompt."
     def __init__(self, cfg: NVILAConfig | str, tokenizer, encoder: ImageEncoder | None = None,
@@ -172,15 +172,26 @@ class NVILAModel(nn.Module):
     def generate(self, image: ImageLike, question: str, max_new_tokens: int = 16, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> str:
         "Answer `question` about `image`: greedy by default, or sampled; uses the LLM's KV cache."
-        embeds, mask, _ = self.batch([image], [question])
+        return self.generate_batch([image], [question], max_new_tokens, do_sample, temperature, top_p, seed)[0]
+
+    @torch.no_grad()
+    def generate_batch(self, images: list[ImageLike], questions: list[str], max_new_tokens: int = 16,
+                       do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                       seed: int | None = None) -> list[str]:
+        "Answers to `(images[i], questions[i])` in one call: rows left-padded (generation appends on the right)."
+        embeds, mask, _ = self.batch(list(images), list(questions))  # right-padded [B, P, D], [B, P]
+        lengths, P = mask.sum(1).tolist(), embeds.shape[1]
+        left, left_mask = torch.zeros_like(embeds), torch.zeros_like(mask)
+        for i, n in enumerate(lengths):
+            left[i, P - n:], left_mask[i, P - n:] = embeds[i, :n], 1
         with torch.random.fork_rng(devices=[embeds.device] if embeds.device.type == "cuda" else []):
             if seed is not None:
                 torch.manual_seed(seed)
-            out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+            out = self.llm.generate(inputs_embeds=left, attention_mask=left_mask, max_new_tokens=max_new_tokens,
                                     do_sample=do_sample, temperature=temperature if do_sample else None,
                                     top_p=top_p if do_sample else None, top_k=None, eos_token_id=self.end_id,
                                     pad_token_id=self.tokenizer.pad_token_id, use_cache=True)
-        return self.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+        return [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]
 
     def __repr__(self) -> str:
         n = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
