@@ -41,6 +41,8 @@ $(STAMP): pyproject.toml $(VENV)/pyvenv.cfg
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	@$(PY) -c 'import importlib.metadata as m; print("torch==" + m.version("torch"))' > $(CONSTRAINTS)
 	@echo "==> pinned $$(cat $(CONSTRAINTS)) in $(CONSTRAINTS)"
+	@# decord2 installs into the same decord/ folder as the old decord 0.6: drop the old one first.
+	@$(PIP) uninstall -y -q decord 2>/dev/null || true
 	@echo "==> installing nvila-lab[dev] (editable)"
 	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[dev]"
 	@# FlashAttention only on NVIDIA machines, and optional. It builds against the installed

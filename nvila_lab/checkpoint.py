@@ -170,6 +170,8 @@ def root_config_dict(cfg: NVILAConfig, dtype: torch.dtype, sub: dict[str, dict],
         "s2_scales": ",".join(str(s) for s in cfg.s2_scales), "s2_max_split_size": cfg.image_size,
         "s2_resize_output_to_scale_idx": resize_idx, "min_tiles": cfg.min_tiles, "max_tiles": cfg.max_tiles,
         "video_max_tiles": 1, "num_video_frames": cfg.num_video_frames, "fps": 0.0,
+        "video_encoder": json.dumps({"_target_": "llava.model.encoders.TSPVideoEncoder",
+                                     "pool_sizes": [[cfg.temporal_pool, 1, 1]]}),
         "mm_vision_select_layer": cfg.select_layer, "mm_vision_select_feature": "cls_patch",
         "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "chat_template": None,
         "interpolate_mode": "linear", "drop_path_rate": 0.0, "num_time_tokens": 0, "time_token_format": "<t{t}>",
@@ -489,6 +491,23 @@ def _rope_theta(llm: dict) -> float:
     return float(rp.get("rope_theta", 10000.0))  # transformers 5 layout; 10000 is Qwen2's old default
 
 
+def _temporal_pool(c: dict) -> int:
+    "Frames averaged per output frame, from VILA's `video_encoder` (a JSON string, TSPVideoEncoder `pool_sizes` [[T, H, W]]); 1 without one."
+    enc = c.get("video_encoder")
+    if not enc:
+        return 1
+    try:
+        enc = json.loads(enc) if isinstance(enc, str) else dict(enc)
+        sizes = enc.get("pool_sizes") or [[1, 1, 1]]
+        t, h, w = (int(v) for v in sizes[0])
+    except (ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"config.json: video_encoder {c.get('video_encoder')!r} is not readable ({e})") from None
+    if len(sizes) != 1 or (h, w) != (1, 1):
+        raise CheckpointError(f"config.json: video_encoder pool_sizes {sizes} pools space or has several poolings; "
+                              "nvila-lab implements one temporal pooling [[T, 1, 1]]")
+    return t
+
+
 def _model_name(layout: _Layout) -> str:
     n = Path(str(layout.config.get("_name_or_path") or "")).name
     return n if n and n not in ("model", ".", "..") and "runs" not in str(layout.config.get("_name_or_path")) \
@@ -556,7 +575,7 @@ def _config_of(layout: _Layout) -> tuple[NVILAConfig, dict]:
         llm_intermediate=int(need(llm, "intermediate_size", "llm")), vocab_size=int(need(llm, "vocab_size", "llm")),
         rope_theta=_rope_theta(llm), max_length=int(llm.get("max_position_embeddings", 32768)),
         tie_word_embeddings=bool(llm.get("tie_word_embeddings", False)),
-        num_video_frames=int(c.get("num_video_frames", 8)))
+        num_video_frames=int(c.get("num_video_frames", 8)), temporal_pool=_temporal_pool(c))
     try:
         return NVILAConfig(**values), {}
     except ConfigError as e:

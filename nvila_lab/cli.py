@@ -201,12 +201,14 @@ def _is_tty(stream) -> bool:
 
 def _add_make_data(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "make-data", help="write a synthetic VQA dataset (PNG images + data.jsonl), or list the tasks",
+        "make-data", help="write a synthetic VQA dataset (PNG images or MP4 videos + data.jsonl), or list the tasks",
         description="Write N examples per task of the synthetic visual-question tasks, deterministically from a seed: "
-                    "DIR/images/<id>.png, DIR/data.jsonl (one JSON object per example) and DIR/meta.json.",
+                    "DIR/images/<id>.png (or DIR/videos/<id>.mp4 for the video tasks), DIR/data.jsonl (one JSON "
+                    "object per example) and DIR/meta.json. Image and video tasks go in separate folders.",
         epilog="examples:  nvila-lab make-data --list\n"
                "           nvila-lab make-data --n 500 --seed 1 --out data/eval\n"
-               "           nvila-lab make-data --task count --task colour --n 100 --seed 2 --out data/small",
+               "           nvila-lab make-data --task count --task colour --n 100 --seed 2 --out data/small\n"
+               "           nvila-lab make-data --task flash --task order --task direction --n 50 --out data/video",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", action="append", dest="tasks", metavar="NAME",
                    help="a task to include; repeat for several (default: read_code, count, colour, position)")
@@ -216,18 +218,21 @@ def _add_make_data(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output folder: new or empty, unless --overwrite")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the dataset in DIR (only files an earlier make-data wrote are deleted)")
-    p.add_argument("--list", action="store_true", help="list the tasks (answers, chance, resolution) and exit")
+    p.add_argument("--list", action="store_true", help="list the image and video tasks (answers, chance, what they need) and exit")
     return p
 
 
 def task_table() -> str:
-    "An aligned table of the registered tasks: answers, chance accuracy, resolution needed, default or not, description."
+    "An aligned table of the registered image and video tasks: answers, chance, what they need, default or not, description."
     from nvila_lab.data import DEFAULT_TASKS, TASKS
-    head = ("task", "answers", "chance", "needs", "default", "description")
-    rows = [(t.name, str(len(t.answers)), f"{100 * t.chance:.1f}%", "fine" if t.fine else "coarse",
+    from nvila_lab.video_data import VIDEO_TASKS
+    head = ("task", "kind", "answers", "chance", "needs", "default", "description")
+    rows = [(t.name, "image", str(len(t.answers)), f"{100 * t.chance:.1f}%", "fine" if t.fine else "coarse",
              "yes" if t.name in DEFAULT_TASKS else "", t.description) for t in TASKS.values()]
+    rows += [(t.name, "video", str(len(t.answers)), f"{100 * t.chance:.1f}%", "many-frames" if t.dense else "few-frames",
+              "", t.description) for t in VIDEO_TASKS.values()]
     widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
-    right = {1, 2}
+    right = {2, 3}
     fmt = lambda r: "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join(line.rstrip() for line in [fmt(head), "  ".join("-" * w for w in widths), *map(fmt, rows)])
 
@@ -246,11 +251,17 @@ def _run_make_data(args, out, err) -> int:
     if missing:
         raise UsageError(prog, f"give {' and '.join(missing)}, or --list to see the tasks")
     from pathlib import Path
-    from nvila_lab.data import DEFAULT_TASKS, DatasetError, get_task, make_dataset
+    from nvila_lab.data import DEFAULT_TASKS, TASKS, DatasetError, get_task, make_dataset
+    from nvila_lab.video_data import VIDEO_TASKS, make_video_dataset
     try:
-        tasks = [get_task(t).name for t in args.tasks] if args.tasks else list(DEFAULT_TASKS)
+        tasks = [t if t in VIDEO_TASKS else get_task(t).name for t in args.tasks] if args.tasks else list(DEFAULT_TASKS)
     except DatasetError as e:
-        raise UsageError(prog, f"{_one_line(e)}; `nvila-lab make-data --list` describes them") from None
+        raise UsageError(prog, f"{_one_line(e)} Video tasks: {', '.join(VIDEO_TASKS)}. "
+                               "`nvila-lab make-data --list` describes them all") from None
+    videos = [t for t in tasks if t in VIDEO_TASKS]
+    if videos and len(videos) != len(tasks):
+        raise UsageError(prog, f"image tasks ({', '.join(t for t in tasks if t not in VIDEO_TASKS)}) and video tasks "
+                               f"({', '.join(videos)}) go in separate folders; run make-data once for each")
     if len(set(tasks)) != len(tasks):
         dup = sorted({t for t in tasks if tasks.count(t) > 1})
         raise UsageError(prog, f"--task {dup[0]} is given more than once; name each task once")
@@ -259,22 +270,30 @@ def _run_make_data(args, out, err) -> int:
         raise UsageError(prog, f"{folder} is not empty; choose a new or empty folder, or add --overwrite to replace "
                                "the dataset there (only files an earlier make-data wrote are deleted)")
     try:
-        make_dataset(tasks, n=args.n, seed=args.seed, out_dir=folder, progress=_is_tty(err), overwrite=args.overwrite)
+        if videos:
+            make_video_dataset(folder, tasks, n=args.n, seed=args.seed, overwrite=args.overwrite, progress=_is_tty(err))
+        else:
+            make_dataset(tasks, n=args.n, seed=args.seed, out_dir=folder, progress=_is_tty(err), overwrite=args.overwrite)
     except (DatasetError, OSError) as e:  # e.g. --out is a file, or a folder we may not write to
         raise UsageError(prog, _one_line(e)) from None
-    print(f"wrote {args.n * len(tasks)} examples ({args.n} per task x {len(tasks)} tasks: {', '.join(tasks)}; "
+    print(f"wrote {args.n * len(tasks)} {'videos' if videos else 'examples'} ({args.n} per task x {len(tasks)} tasks: {', '.join(tasks)}; "
           f"seed {args.seed}) to {folder}", file=out)
     return 0
 
 # %% ../nbs/80_cli.ipynb #aee8443d
 def _add_ask(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "ask", help="answer a question about an image with a saved model",
-        description="Load the checkpoint in DIR and print its answer to QUESTION about IMAGE (greedy unless --sample).",
-        epilog='example:  nvila-lab ask --checkpoint runs/tiny data_samples/vqa/images/count_0_00000.png '
-               '"How many dots are there?"',
+        "ask", help="answer a question about an image or a video with a saved model",
+        description="Load the checkpoint in DIR and print its answer to QUESTION about MEDIA, an image or a video "
+                    "(greedy unless --sample). A video is sampled uniformly (--frames N, default the checkpoint's "
+                    "num_video_frames) and averaged over the checkpoint's temporal_pool frames.",
+        epilog='examples: nvila-lab ask --checkpoint runs/tiny data_samples/vqa/images/count_0_00000.png '
+               '"How many dots are there?"\n'
+               '          nvila-lab ask --checkpoint runs/tiny clip.mp4 "Which way does the dot move?" --frames 32',
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("image", metavar="IMAGE", help="an image file (PNG, JPEG, ...)")
+    p.add_argument("image", metavar="MEDIA", help="an image (PNG, JPEG, ...) or a video (.mp4, .webm, .mkv, ...)")
+    p.add_argument("--frames", type=_positive_int, metavar="N", default=None,
+                   help="frames to sample from a video (default: the checkpoint's num_video_frames)")
     p.add_argument("question", metavar="QUESTION", help="the question, in quotes")
     p.add_argument("--checkpoint", metavar="DIR", required=True, help="a checkpoint folder (see notebook 08)")
     p.add_argument("--max-new-tokens", type=_positive_int, metavar="N", default=16,
@@ -340,16 +359,25 @@ def _run_ask(args, out, err) -> int:
                 raise UsageError(prog, f"{flag} only applies with --sample (greedy decoding is deterministic); "
                                        f"add --sample or drop {flag}")
     if not args.question.strip():
-        raise UsageError(prog, "the question is empty; ask something about the image, in quotes")
+        raise UsageError(prog, "the question is empty; ask something about the image or video, in quotes")
     ckpt = _checkpoint_dir(prog, args.checkpoint)
     from nvila_lab.images import ImageError, load_image
+    from nvila_lab.temporal import Video, is_video
     try:
-        image = load_image(args.image)
-    except ImageError as e:
+        if is_video(args.image):
+            from nvila_lab.video import video_info
+            video_info(args.image)  # a missing, corrupt or undecodable file fails here, before the model loads
+            media = Video(args.image, num_frames=args.frames)
+        elif args.frames is not None:
+            raise UsageError(prog, f"--frames only applies to videos and {args.image!r} is not one "
+                                   f"(video suffixes: .mp4, .webm, .mkv, .mov, .avi, .m4v); drop --frames")
+        else:
+            media = load_image(args.image)
+    except (ImageError, ValueError) as e:  # VideoError is a ValueError
         raise UsageError(prog, _one_line(e)) from None
     model = _load_model(prog, ckpt, args.device)
     try:
-        answer = model.generate(image, args.question, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+        answer = model.generate(media, args.question, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                                 temperature=args.temperature if args.temperature is not None else 1.0, seed=args.seed)
     except ValueError as e:  # e.g. more <image> placeholders than images, or a prompt longer than max_length
         raise UsageError(prog, _one_line(e)) from None

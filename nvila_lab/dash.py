@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import html
 import io
+import math
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 import nvila_lab
-from .budget import TokenBudget, image_budget
+from .budget import TokenBudget, image_budget, video_budget
 from .compress import available_compressors
 from .config import TILING_MODES, ConfigError, NVILAConfig, get_config, list_presets
 from .images import ImageError, load_image, make_document_image, make_panorama_image
@@ -29,7 +30,7 @@ from .tiling import ScaleGrid, TilePlan, draw_plan
 
 # %% auto #0
 __all__ = ['SAMPLES_DIR', 'MAX_SCALE_RATIO', 'human_flops', 'parse_scales', 'default_images', 'TokenDashboard',
-           'build_token_dashboard']
+           'build_token_dashboard', 'VideoTokenDashboard', 'build_video_dashboard']
 
 # %% ../nbs/60_dash_tokens.ipynb #09a8c30b
 SAMPLES_DIR = Path(nvila_lab.__file__).resolve().parent.parent / "data_samples" / "images"
@@ -461,3 +462,146 @@ class TokenDashboard(W.VBox):
 def build_token_dashboard(images: dict[str, Image.Image] | None = None, preset: str = "nvila-8b") -> TokenDashboard:
     "The token-budget dashboard over `images` (name -> PIL image; default the sample images), starting at `preset`."
     return TokenDashboard(images, preset)
+
+# %% ../nbs/60_dash_tokens.ipynb #a328ce81
+_TABLE2 = ((8, 1, 55.7), (32, 1, 61.0), (32, 4, 60.1), (256, 8, 64.0))  # NVILA-8B on Video-MME (facts, section 10)
+
+
+class VideoTokenDashboard(W.VBox):
+    "An ipywidgets dashboard of one video's token budget: frames and temporal pooling -> tokens, positions, FLOPs."
+
+    def __init__(self, preset: str = "nvila-8b-video"):
+        cfg = get_config(preset)  # an unknown preset raises here, before any widget exists
+        self._budget: TokenBudget | None = None
+        self._refs: dict[str, TokenBudget] = {}
+        self._cfg: NVILAConfig | None = None
+        self._message = ""
+        wide, box = {"description_width": "90px"}, W.Layout(width="300px")
+        self.preset = W.Dropdown(options=list_presets(), value=cfg.name, description="preset", style=wide, layout=box)
+        self.frames = W.IntSlider(value=cfg.num_video_frames, min=1, max=512, description="frames",
+                                  continuous_update=False, style=wide, layout=box)
+        self.pool = W.IntSlider(value=cfg.temporal_pool, min=1, max=32, description="average p",
+                                continuous_update=False, style=wide, layout=box)
+        self.text_tokens = W.IntSlider(value=64, min=0, max=8192, step=64, description="text tokens",
+                                       continuous_update=False, style=wide, layout=box)
+        self.msg, self.summary, self.table = W.HTML(layout=box), W.HTML(), W.HTML()
+        self.chart = W.Image(format="png", layout=W.Layout(max_width="560px", object_fit="contain"))
+        self._fig = Figure(figsize=(5.6, 3.0), dpi=100)
+        FigureCanvasAgg(self._fig)
+        self._ax = self._fig.add_subplot()
+        heading = W.HTML(f"<b style='font-size:15px'>NVILA video token budget</b><br><span style='color:{_FG2}'>"
+                         "frames read, frames averaged, tokens paid</span>")
+        controls = W.VBox([heading, self.preset, self.frames, self.pool, self.text_tokens, self.msg],
+                          layout=W.Layout(width="314px", min_width="314px", padding="4px 14px 4px 0"))
+        right = W.VBox([self.summary, W.HBox([self.table, self.chart], layout=W.Layout(flex_flow="row wrap",
+                                                                                      grid_gap="14px"))])
+        super().__init__([W.HBox([controls, right], layout=W.Layout(align_items="flex-start"))])
+        self.add_class("nvl-video-dashboard")
+        self.preset.observe(self._on_preset, "value")
+        for w in (self.frames, self.pool, self.text_tokens):
+            w.observe(lambda change: self.refresh(), "value")
+        self.refresh()
+
+    @property
+    def budget(self) -> TokenBudget:
+        "The `TokenBudget` shown now."
+        return self._budget
+
+    @property
+    def references(self) -> dict[str, TokenBudget]:
+        "The comparison budgets: the same frames without pooling, and frames/p frames without pooling."
+        return dict(self._refs)
+
+    @property
+    def message(self) -> str:
+        "A warning about the current setting ('' when there is none)."
+        return self._message
+
+    def _on_preset(self, change) -> None:
+        cfg = get_config(change["new"])
+        self._holding = True
+        self.frames.value, self.pool.value = cfg.num_video_frames, cfg.temporal_pool
+        self._holding = False
+        self.refresh()
+
+    def refresh(self) -> None:
+        "Recompute the budgets from the controls and redraw."
+        if getattr(self, "_holding", False):
+            return
+        cfg, f, p, text = get_config(self.preset.value), self.frames.value, self.pool.value, self.text_tokens.value
+        self._cfg, self._budget = cfg, video_budget(f, cfg, p, text_tokens=text)
+        self._refs = {"no pooling": video_budget(f, cfg, 1, text_tokens=text),
+                      "fewer frames, same tokens": video_budget(max(1, math.ceil(f / p)), cfg, 1, text_tokens=text)}
+        notes = []
+        if f % p:
+            notes.append(f"{f} frames are not a multiple of p={p}: the last group averages {f % p} frame(s) alone")
+        if self._budget.llm_positions > cfg.max_length:
+            notes.append(f"{self._budget.llm_positions:,} positions exceed the LLM's context of {cfg.max_length:,}")
+        self._message = "; ".join(notes)
+        self.msg.value = f"<div style='color:#a02020;font-size:12px'>{html.escape(self._message)}</div>"
+        b, big = self._budget, f"font-size:22px;font-weight:600;color:{_FG1}"
+        self.summary.value = (
+            f"<div style='padding:2px 0 8px 0;color:{_FG2}'>"
+            f"<span class='nvl-tokens' style='{big}'>{b.visual_tokens:,}</span> visual tokens &nbsp;\u00b7&nbsp; "
+            f"<span class='nvl-passes' style='{big}'>{b.vit_passes}</span> vision passes &nbsp;\u00b7&nbsp; "
+            f"<span class='nvl-positions' style='{big}'>{b.llm_positions:,}</span> LLM positions &nbsp;\u00b7&nbsp; "
+            f"<span class='nvl-flops' style='{big}'>{human_flops(b.total_flops)}</span></div>")
+        self.table.value = self.table_html()
+        self.chart.value = self._chart_png()
+
+    def table_html(self) -> str:
+        "This setting beside the same frames unpooled and the fewer-frames setting of equal tokens."
+        cols = [("this setting", self._budget)] + list(self._refs.items())
+        rows = [("frames read", lambda b: f"{b.vit_passes:,}"), ("visual tokens", lambda b: f"{b.visual_tokens:,}"),
+                ("separators", lambda b: f"{b.separators:,}"), ("LLM positions", lambda b: f"{b.llm_positions:,}")]
+        rows += [(f"FLOPs {label}", lambda b, a=attr: human_flops(getattr(b, a))) for label, attr, _ in _PARTS]
+        rows.append(("FLOPs total", lambda b: human_flops(b.total_flops)))
+        td = f"padding:2px 8px;border-bottom:1px solid {_LINE};text-align:right;white-space:nowrap"
+        head = "".join(f"<th style='{td};color:{_FG2};font-weight:600'>{html.escape(h)}</th>" for h in [""] + [c for c, _ in cols])
+        body = "".join(f"<tr class='nvl-row'><td style='{td};text-align:left;color:{_FG1}'>{label}</td>"
+                       + "".join(f"<td style='{td}{';font-weight:600' * (i == 0)}'>{fn(b)}</td>"
+                                 for i, (_, b) in enumerate(cols)) + "</tr>" for label, fn in rows)
+        return (f"<table class='nvl-budget' style='border-collapse:collapse;font-size:13px;line-height:1.5'>"
+                f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+    def _chart_png(self) -> bytes:
+        "Visual tokens against frames (log-log) without pooling and at this p; this setting and Table 2 marked."
+        cfg, p, ax = self._cfg, self.pool.value, self._ax
+        ax.clear()
+        xs = [2 ** k for k in range(0, 10)]
+        for q, style in ((1, "-"), (p, "--")) if p > 1 else ((1, "-"),):
+            ax.plot(xs, [video_budget(x, cfg, q).visual_tokens for x in xs], style, color="#4c78a8" if q == 1 else "#f58518",
+                    label=f"p={q}")
+        for f, q, score in _TABLE2:
+            t = video_budget(f, cfg, q).visual_tokens
+            ax.plot([f], [t], "o", color="#888", ms=4)
+            ax.annotate(f"{f}f/p{q}: {score}", (f, t), textcoords="offset points", xytext=(4 if f < 128 else -4, -10),
+                        ha="left" if f < 128 else "right", fontsize=7, color="#666")
+        ax.plot([self.frames.value], [self._budget.visual_tokens], "*", color="#c0392b", ms=12, label="this setting")
+        ax.set_xscale("log", base=2); ax.set_yscale("log", base=2)
+        ax.set_xlabel("frames read", fontsize=9); ax.set_ylabel(f"visual tokens ({cfg.name})", fontsize=9)
+        ax.tick_params(labelsize=8); ax.grid(alpha=0.25); ax.legend(fontsize=8, frameon=False)
+        ax.set_title("grey: NVILA-8B Video-MME settings (Table 2)", fontsize=8.5, color="#555")
+        self._fig.subplots_adjust(left=0.14, right=0.97, top=0.9, bottom=0.16)
+        buf = io.BytesIO()
+        self._fig.savefig(buf, format="png", pil_kwargs={"compress_level": 3})
+        return buf.getvalue()
+
+    def close(self) -> None:
+        "Close the dashboard and every widget inside it."
+        todo = list(self.children)
+        while todo:
+            w = todo.pop()
+            todo += list(getattr(w, "children", ()))
+            w.close()
+        super().close()
+
+    def __repr__(self) -> str:
+        b = self._budget
+        return (f"VideoTokenDashboard({self.preset.value}: {self.frames.value} frames / p{self.pool.value} -> "
+                f"{b.visual_tokens} visual tokens, {b.llm_positions} LLM positions)")
+
+
+def build_video_dashboard(preset: str = "nvila-8b-video") -> VideoTokenDashboard:
+    "The video token-budget dashboard, starting at `preset`'s frames and pooling."
+    return VideoTokenDashboard(preset)

@@ -30,8 +30,8 @@ if TYPE_CHECKING:  # transformers is imported lazily, only by the tokenizer func
 __all__ = ['IMAGE_SIZE', 'TASKS', 'DEFAULT_TASKS', 'CODE_QUESTIONS', 'COUNT_QUESTIONS', 'COLOURS', 'COLOUR_QUESTIONS',
            'POSITIONS', 'POSITION_QUESTIONS', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'DatasetError', 'Task',
            'register_task', 'get_task', 'font_file', 'make_read_code', 'make_count', 'make_colour', 'make_position',
-           'sample_rng', 'sample_id', 'make_sample', 'make_dataset', 'data_samples_dir', 'load_dataset', 'VQAFolder',
-           'SyntheticVQA', 'chat_messages', 'tokenizer_corpus', 'build_tokenizer', 'load_tokenizer']
+           'sample_rng', 'sample_id', 'make_sample', 'make_dataset', 'data_samples_dir', 'load_dataset', 'row_media',
+           'VQAFolder', 'SyntheticVQA', 'chat_messages', 'tokenizer_corpus', 'build_tokenizer', 'load_tokenizer']
 
 # %% ../nbs/09_data.ipynb #722d64fc
 IMAGE_SIZE: tuple[int, int] = (256, 192)  # (W, H): tiny Dynamic-S2 cuts a 4x3 grid, as NVILA-8B does for 1344x896
@@ -138,8 +138,8 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
 CODE_QUESTIONS = ("What is the code in the box?", "Read the code in the box.", "Which number is printed in the box?")
 
 
-def make_read_code(code_length: int = 2, font_px: int = 14) -> Callable:
-    "A `make(rng, size)` for reading a `code_length`-digit code printed with a `font_px` bold font inside a small box."
+def make_read_code(code_length: int = 2, font_px: int = 14, snap: int = 8) -> Callable:
+    "A `make(rng, size)` for reading a `code_length`-digit code printed with a `font_px` bold font in a small box, its ink's corner on a `snap`-px grid."
     if not 1 <= code_length <= 6:
         raise DatasetError(f"code_length must be 1..6, got {code_length}")
 
@@ -152,7 +152,13 @@ def make_read_code(code_length: int = 2, font_px: int = 14) -> Callable:
         bw, bh = r - l + 2 * pad, b - t + 2 * pad  # box around the ink
         if bw + 4 > size[0] or bh + 4 > size[1]:
             raise DatasetError(f"a {code_length}-digit code at {font_px} px does not fit a {size[0]}x{size[1]} image")
-        x, y = int(rng.integers(2, size[0] - bw - 1)), int(rng.integers(2, size[1] - bh - 1))
+        # the ink's corner (x + pad, y + pad) on the snap grid, the box 2 px inside the page
+        lo = -(-(pad + 2) // snap)
+        hx, hy = (size[0] - bw - 2 + pad) // snap, (size[1] - bh - 2 + pad) // snap
+        if hx < lo or hy < lo:
+            raise DatasetError(f"a {code_length}-digit code at {font_px} px on a {snap}-px grid does not fit a "
+                               f"{size[0]}x{size[1]} image")
+        x, y = int(rng.integers(lo, hx + 1)) * snap - pad, int(rng.integers(lo, hy + 1)) * snap - pad
         d.rectangle((x, y, x + bw, y + bh), fill=(255, 255, 255), outline=(40, 40, 40), width=1)
         d.text((x + pad - l, y + pad - t), code, fill=(0, 0, 0), font=font)
         return img, _pick(rng, CODE_QUESTIONS), code
@@ -351,7 +357,8 @@ def data_samples_dir() -> Path:
 
 
 def load_dataset(folder: str | Path | None = None) -> list[dict]:
-    "Rows of the dataset in `folder` (default: the shipped `data_samples/vqa`), validated; each gets `image_path`."
+    """Rows of the dataset in `folder` (default: the shipped `data_samples/vqa`), validated. A row holds an `image`
+    or a `video` (a path relative to the folder; notebook 13 writes video sets) and gets `image_path` or `video_path`."""
     folder = Path(folder) if folder is not None else data_samples_dir() / "vqa"
     jl = folder / "data.jsonl"
     if not folder.is_dir():
@@ -369,23 +376,43 @@ def load_dataset(folder: str | Path | None = None) -> list[dict]:
             raise DatasetError(f"{jl}:{ln}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
             raise DatasetError(f"{jl}:{ln}: expected a JSON object, got {type(row).__name__}")
-        missing = [k for k in _FIELDS if not isinstance(row.get(k), str)]
+        kind = "video" if "video" in row and "image" not in row else "image"
+        fields = [kind if f == "image" else f for f in _FIELDS]
+        missing = [k for k in fields if not isinstance(row.get(k), str)]
         if missing:
-            raise DatasetError(f"{jl}:{ln}: missing or non-string field(s) {missing}; every line needs {list(_FIELDS)}")
+            raise DatasetError(f"{jl}:{ln}: missing or non-string field(s) {missing}; every line needs {fields} "
+                               "(or 'video' in place of 'image')")
         if row["id"] in ids:
             raise DatasetError(f"{jl}:{ln}: duplicate id {row['id']!r}")
         ids.add(row["id"])
-        path = folder / row["image"]
+        path = folder / row[kind]
         if not path.is_file():
-            raise DatasetError(f"{jl}:{ln}: image {row['image']!r} not found (looked for {path})")
-        rows.append({**row, "image_path": str(path.resolve())})
+            raise DatasetError(f"{jl}:{ln}: {kind} {row[kind]!r} not found (looked for {path})")
+        rows.append({**row, f"{kind}_path": str(path.resolve())})
     if not rows:
         raise DatasetError(f"{jl}: no examples")
     return rows
 
+
+def row_media(row: dict):
+    """What the model reads for a dataset row: its image (`image_path` or an in-memory `image`) or its video
+    (`video_path`, or in-memory `frames` / a `Video`), the latter as a `nvila_lab.temporal.Video`."""
+    if isinstance(row.get("video"), str) and row.get("video_path") is None:
+        raise DatasetError(f"row {row.get('id', '?')}: its video {row['video']!r} is a path relative to its dataset "
+                           "folder; read the folder with load_dataset, which resolves it to video_path")
+    video = next((row[k] for k in ("video_path", "video", "frames") if row.get(k) is not None), None)
+    if video is not None:
+        from nvila_lab.temporal import Video  # torch-heavy: only when a video is met
+        return video if isinstance(video, Video) else Video(video)
+    if row.get("image_path") is not None:
+        return row["image_path"]
+    if row.get("image") is None:
+        raise DatasetError(f"row {row.get('id', '?')}: no image, image_path, video, video_path or frames")
+    return row["image"]
+
 # %% ../nbs/09_data.ipynb #16e16f64
 class VQAFolder:
-    "The dataset in `folder` (see `load_dataset`), optionally only some `tasks`: item i -> dict with a loaded PIL image."
+    "The dataset in `folder` (see `load_dataset`), optionally only some `tasks`: item i -> dict with a loaded PIL image (or a `video_path`)."
     def __init__(self, folder: str | Path | None = None, tasks: Iterable[str] | None = None):
         self.rows = load_dataset(folder)
         if tasks is not None:
@@ -397,9 +424,11 @@ class VQAFolder:
 
     def __getitem__(self, i: int) -> dict:
         r = self.rows[i]
+        out = {"id": r["id"], "task": r["task"], "question": r["question"], "answer": r["answer"]}
+        if "video_path" in r:
+            return out | {"video_path": r["video_path"]}  # decoded when the model reads it, a few frames only
         with Image.open(r["image_path"]) as im:
-            img = im.convert("RGB")
-        return {"id": r["id"], "task": r["task"], "image": img, "question": r["question"], "answer": r["answer"]}
+            return out | {"image": im.convert("RGB")}
 
     def __repr__(self) -> str:
         return f"VQAFolder({len(self)} examples, tasks {sorted({r['task'] for r in self.rows})})"

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .data import TASKS, load_dataset
+from .data import TASKS, load_dataset, row_media
 
 # %% auto #0
-__all__ = ['normalize_answer', 'TaskScore', 'EvalReport', 'generate_batch', 'evaluate']
+__all__ = ['normalize_answer', 'TaskScore', 'EvalReport', 'generate_batch', 'find_task', 'evaluate', 'run_setting']
 
 # %% ../nbs/11_eval.ipynb #5f0de5dc
 _SPACES = re.compile(r"\s+")
@@ -176,11 +176,19 @@ def _check_row(i: int, r) -> None:
     if not isinstance(r, Mapping):
         raise ValueError(f"example {i}: expected a dict, got {type(r).__name__}")
     missing = [k for k in ("question", "answer", "task") if not isinstance(r.get(k), str)]
-    if r.get("image_path") is None and r.get("image") is None:
+    if all(r.get(k) is None for k in ("image_path", "image", "video_path", "video", "frames")):
         missing.append("image or image_path")
     if missing:
         raise ValueError(f"example {i} ({r.get('id', 'no id')}): missing or non-string {missing}; each example "
-                         "needs question, answer, task and image (or image_path)")
+                         "needs question, answer, task and image (or image_path, or a video: video_path / frames)")
+
+
+def find_task(name: str):
+    "The registered image task `name`, else the video task (notebook 13), else None."
+    if name in TASKS:
+        return TASKS[name]
+    from nvila_lab.video_data import VIDEO_TASKS
+    return VIDEO_TASKS.get(name)
 
 
 def _pick_errors(errors: list[dict], k: int) -> list[dict]:
@@ -221,7 +229,7 @@ def evaluate(model, data, batch_size: int = 16, max_new_tokens: int = 8, progres
             raise TypeError(f"model.generate returned {type(p).__name__} for example {i}, not text")
         name = r["task"]
         if name not in scores:
-            task = TASKS.get(name)
+            task = find_task(name)
             answer_sets[name] = {normalize_answer(a) for a in task.answers} if task else None
             scores[name] = TaskScore(name, chance=task.chance if task else None, in_set=0 if task else None)
         sc, guess = scores[name], normalize_answer(p)
@@ -249,7 +257,7 @@ def evaluate(model, data, batch_size: int = 16, max_new_tokens: int = 8, progres
             chunk = [data[i] for i in range(s, min(s + step, n))]
             for i, r in enumerate(chunk, s):
                 _check_row(i, r)
-            images = [r["image_path"] if r.get("image_path") is not None else r["image"] for r in chunk]
+            images = [row_media(r) for r in chunk]  # image path, PIL image or Video
             if batched:
                 preds = generate_batch(model, images, [r["question"] for r in chunk], max_new_tokens)
             else:
@@ -267,3 +275,30 @@ def evaluate(model, data, batch_size: int = 16, max_new_tokens: int = 8, progres
     errs = [{k: e[k] for k in ("id", "task", "question", "answer", "prediction")} for e in _pick_errors(errors, n_errors)]
     return EvalReport(scores, seconds=time.perf_counter() - t0, max_new_tokens=max_new_tokens, errors=errs,
                       predictions=predictions)
+
+# %% ../nbs/11_eval.ipynb #24eb5725
+def run_setting(name: str, cfg, tokenizer, train_data, held_out, schedule: list, projector_kwargs: dict | None = None,
+                seed: int = 0, progress: bool = False) -> dict:
+    """Train a fresh `NVILAModel(cfg)` through `schedule` (TrainConfigs, in order) on `train_data`, score it on
+    `held_out`; -> {'setting', 'visual_tokens', 'llm_positions', 'train_steps', 'train_seconds', 'accuracy': {task: acc}}."""
+    import torch
+    from nvila_lab.data import row_media
+    from nvila_lab.encoder import ImageEncoder
+    from nvila_lab.model import NVILAModel
+    from nvila_lab.train import train
+    if not schedule:
+        raise ValueError("schedule is empty: give at least one TrainConfig")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = NVILAModel(cfg, tokenizer, encoder=ImageEncoder(cfg, **(projector_kwargs or {})))
+        seconds, steps = 0.0, 0
+        for tc in schedule:
+            hist = train(model, train_data, tc, progress=progress)
+            seconds += hist.records[-1]["seconds"] if hist.records else 0.0
+            steps += tc.steps
+        report = evaluate(model, held_out, progress=False)
+    with torch.no_grad():
+        (media, _), = model.encode_media([row_media(held_out[0])])
+    return {"setting": name, "visual_tokens": media.n_tokens, "llm_positions": media.n_positions,
+            "train_steps": steps, "train_seconds": round(seconds, 1),
+            "accuracy": {t: s.accuracy for t, s in report.tasks.items()}, "n_eval": report.n}

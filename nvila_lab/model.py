@@ -14,6 +14,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from .config import IGNORE_INDEX, IMAGE_TOKEN, MEDIA_TOKENS, SYSTEM_PROMPT, VIDEO_TOKEN, NVILAConfig, get_config
 from .encoder import ImageEncoder, VisualTokens
 from .images import ImageLike
+from .temporal import TemporalCompressor, Video, build_temporal, encode_videos, is_video
 from .vision import pick_attention
 
 # %% auto #0
@@ -58,6 +59,10 @@ def user_text(question: str | bytes, n_media: int = 1, token: str = IMAGE_TOKEN)
         raise TypeError(f"question must be text, got {type(question).__name__}")
     if not question.replace(IMAGE_TOKEN, "").replace(VIDEO_TOKEN, "").strip():
         raise ValueError("question is empty: ask something about the image")
+    wrong = [t for t in MEDIA_TOKENS.values() if t != token and t in question]
+    if wrong:
+        raise ValueError(f"the question has a {wrong[0]} placeholder but this item takes {token}; "
+                         f"write {token} instead, or no placeholder at all")
     found = question.count(token)
     if found == 0:
         return token * n_media + question
@@ -90,6 +95,8 @@ class NVILAModel(nn.Module):
         if self.end_id is None or self.end_id == tokenizer.unk_token_id:
             raise ValueError("tokenizer lacks '<|im_end|>', the end of a Qwen2 chat turn; use a Qwen2-style tokenizer")
         self.newline_ids = tokenizer("\n", add_special_tokens=False).input_ids  # the separator after each segment
+        # averaging over cfg.temporal_pool frames; swap in any TemporalCompressor (notebook 14), no weights involved
+        self.temporal: TemporalCompressor = build_temporal("avg", self.cfg.temporal_pool)
 
     @property
     def device(self) -> torch.device:
@@ -145,14 +152,22 @@ class NVILAModel(nn.Module):
                              f"{self.cfg.max_length}; lower max_tiles, use fewer frames or a stronger compressor")
         return embeds, out_labels
 
-    def batch(self, images: list[ImageLike], questions: list[str], answers: list[str] | None = None):
-        "Right-padded batch: inputs_embeds [B, P, D], attention_mask [B, P], labels [B, P]."
-        if len(images) != len(questions) or (answers is not None and len(answers) != len(questions)):
-            raise ValueError("images, questions and answers must have the same length")
-        media = self.encoder.encode_batch(images)
+    def encode_media(self, media: list) -> list[tuple[VisualTokens, str]]:
+        "Tokens and kind ('image' or 'video') of each item: images in one encoder batch, videos (a `Video` or a video file) in another."
+        kinds = ["video" if is_video(m) else "image" for m in media]
+        images = [m for m, k in zip(media, kinds) if k == "image"]
+        videos = [m for m, k in zip(media, kinds) if k == "video"]
+        img_tokens = iter(self.encoder.encode_batch(images) if images else [])
+        vid_tokens = iter(encode_videos(self.encoder, videos, self.temporal) if videos else [])
+        return [(next(vid_tokens if k == "video" else img_tokens), k) for k in kinds]
+
+    def batch(self, media: list[ImageLike | Video], questions: list[str], answers: list[str] | None = None):
+        "Right-padded batch over images and/or videos: inputs_embeds [B, P, D], attention_mask [B, P], labels [B, P]."
+        if len(media) != len(questions) or (answers is not None and len(answers) != len(questions)):
+            raise ValueError("media (images or videos), questions and answers must have the same length")
         rows = []
-        for i, (m, q) in enumerate(zip(media, questions)):
-            ids, labels = self.tokenize(q, answers[i] if answers is not None else None)
+        for i, ((m, kind), q) in enumerate(zip(self.encode_media(list(media)), questions)):
+            ids, labels = self.tokenize(q, answers[i] if answers is not None else None, kind=kind)
             rows.append(self.splice(ids, labels, [m]))
         P = max(e.shape[0] for e, _ in rows)
         D = rows[0][0].shape[1]
@@ -163,19 +178,19 @@ class NVILAModel(nn.Module):
             embeds[i, :e.shape[0]], mask[i, :e.shape[0]], labels[i, :e.shape[0]] = e, 1, l.to(self.device)
         return embeds, mask, labels
 
-    def forward(self, images: list[ImageLike], questions: list[str], answers: list[str]) -> torch.Tensor:
-        "Mean cross-entropy over the answer tokens (and their <|im_end|>) of a batch."
+    def forward(self, images: list[ImageLike | Video], questions: list[str], answers: list[str]) -> torch.Tensor:
+        "Mean cross-entropy over the answer tokens (and their <|im_end|>) of a batch of images and/or videos."
         embeds, mask, labels = self.batch(images, questions, answers)
         return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
 
     @torch.no_grad()
-    def generate(self, image: ImageLike, question: str, max_new_tokens: int = 16, do_sample: bool = False,
+    def generate(self, image: ImageLike | Video, question: str, max_new_tokens: int = 16, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> str:
-        "Answer `question` about `image`: greedy by default, or sampled; uses the LLM's KV cache."
+        "Answer `question` about `image` (or a `Video` / video file): greedy by default, or sampled; uses the LLM's KV cache."
         return self.generate_batch([image], [question], max_new_tokens, do_sample, temperature, top_p, seed)[0]
 
     @torch.no_grad()
-    def generate_batch(self, images: list[ImageLike], questions: list[str], max_new_tokens: int = 16,
+    def generate_batch(self, images: list[ImageLike | Video], questions: list[str], max_new_tokens: int = 16,
                        do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                        seed: int | None = None) -> list[str]:
         "Answers to `(images[i], questions[i])` in one call: rows left-padded (generation appends on the right)."

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data import row_media
 from .model import NVILAModel
 
 # %% auto #0
@@ -242,7 +243,7 @@ def train(model: NVILAModel, data, tc: TrainConfig | None = None, resume: str | 
         for rows in loader:
             if step >= tc.steps:
                 break
-            loss = model([r.get("image", r.get("image_path")) for r in rows], [r["question"] for r in rows],
+            loss = model([row_media(r) for r in rows], [r["question"] for r in rows],
                          [r["answer"] for r in rows])
             acc.backward(loss)
             if tc.grad_clip:

@@ -244,6 +244,22 @@ def test_lite_released_style_and_its_projector_type(tok, tmp_path):
     assert same_weights(m.mm_projector, lite.mm_projector)
 
 
+def test_video_pooling_travels_as_vilas_video_encoder(tok, tmp_path):
+    video = NVILAModel("tiny-video", tok)
+    src = save_nvila(video, tmp_path / "video")
+    root = json.loads((src / "config.json").read_text())
+    assert json.loads(root["video_encoder"]) == {"_target_": "llava.model.encoders.TSPVideoEncoder",
+                                                 "pool_sizes": [[4, 1, 1]]}
+    m = load_nvila(released_style(src, tmp_path / "NVILA-video-tiny"))
+    assert (m.cfg.num_video_frames, m.cfg.temporal_pool, m.temporal.pool) == (32, 4, 4)
+    edit_json(tmp_path / "NVILA-video-tiny/config.json", video_encoder='{"pool_sizes": [[2, 2, 2]]}')
+    with pytest.raises(CheckpointError, match="pools space"):
+        load_nvila(tmp_path / "NVILA-video-tiny")
+    edit_json(tmp_path / "NVILA-video-tiny/config.json", video_encoder="{not json")
+    with pytest.raises(CheckpointError, match="video_encoder"):
+        load_nvila(tmp_path / "NVILA-video-tiny")
+
+
 # ---------------------------------------------------------------- refusals and errors
 @pytest.mark.parametrize("damage,message", [
     (lambda f: (f / "config.json").unlink(), "missing config.json"),

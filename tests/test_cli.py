@@ -265,20 +265,38 @@ def test_make_data_overwrite_keeps_foreign_files(tmp_path):
 
 def test_make_data_list():
     from nvila_lab.data import DEFAULT_TASKS, TASKS
+    from nvila_lab.video_data import VIDEO_TASKS
     r = cli("make-data", "--list")
     assert r.returncode == 0 and r.stderr == ""
     head, rule, *rows = r.stdout.splitlines()
-    assert head.split() == ["task", "answers", "chance", "needs", "default", "description"]
+    assert head.split() == ["task", "kind", "answers", "chance", "needs", "default", "description"]
     assert set(rule) <= {"-", " "}
-    assert [row.split()[0] for row in rows] == list(TASKS)
+    assert [row.split()[0] for row in rows] == list(TASKS) + list(VIDEO_TASKS)
     by_name = {row.split()[0]: row for row in rows}
-    assert by_name["read_code"].split()[:5] == ["read_code", "100", "1.0%", "fine", "yes"]
-    assert by_name["read_digit"].split()[:4] == ["read_digit", "10", "10.0%", "fine"]
-    assert by_name["colour"].split()[:5] == ["colour", "6", "16.7%", "coarse", "yes"]
-    assert by_name["count"].split()[:3] == ["count", "5", "20.0%"]
-    assert {n for n, row in by_name.items() if row.split()[4] == "yes"} == set(DEFAULT_TASKS)
-    for name, t in TASKS.items():
+    assert by_name["read_code"].split()[:6] == ["read_code", "image", "100", "1.0%", "fine", "yes"]
+    assert by_name["read_digit"].split()[:5] == ["read_digit", "image", "10", "10.0%", "fine"]
+    assert by_name["colour"].split()[:6] == ["colour", "image", "6", "16.7%", "coarse", "yes"]
+    assert by_name["count"].split()[:4] == ["count", "image", "5", "20.0%"]
+    assert by_name["flash"].split()[:5] == ["flash", "video", "6", "16.7%", "many-frames"]
+    assert by_name["direction"].split()[:5] == ["direction", "video", "4", "25.0%", "few-frames"]
+    assert {n for n, row in by_name.items() if row.split()[5] == "yes"} == set(DEFAULT_TASKS)
+    for name, t in {**TASKS, **VIDEO_TASKS}.items():
         assert by_name[name].endswith(t.description)
+
+
+def test_make_data_writes_videos_and_eval_reads_them(tmp_path):
+    out = tmp_path / "vid"
+    r = cli("make-data", "--task", "flash", "--task", "direction", "--n", "2", "--seed", "3", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "wrote 4 videos (2 per task x 2 tasks: flash, direction; seed 3)" in r.stdout
+    assert sorted(p.name for p in (out / "videos").iterdir()) == [
+        "direction_3_00000.mp4", "direction_3_00001.mp4", "flash_3_00000.mp4", "flash_3_00001.mp4"]
+    from nvila_lab.data import load_dataset
+    rows = load_dataset(out)
+    assert [r["task"] for r in rows] == ["flash", "direction"] * 2 and all("video_path" in r for r in rows)
+    mixed = cli("make-data", "--task", "flash", "--task", "count", "--n", "1", "--out", str(tmp_path / "mixed"))
+    assert mixed.returncode == 2 and "go in separate folders" in mixed.stderr
+    assert not (tmp_path / "mixed").exists()
 
 
 @pytest.mark.parametrize("args, message", [

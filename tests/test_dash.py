@@ -256,3 +256,37 @@ def test_core_modules_never_import_the_dashboard():
     for p in (ROOT / "nvila_lab").glob("*.py"):
         if p.stem not in ("dash", "cli", "_modidx"):
             assert "nvila_lab.dash" not in p.read_text() and "import ipywidgets" not in p.read_text(), p
+
+
+# ---------------------------------------------------------------- the video dashboard
+def test_video_dashboard_follows_video_budget_and_the_table2_settings():
+    from nvila_lab.budget import video_budget
+    from nvila_lab.dash import build_video_dashboard
+    v = build_video_dashboard()
+    try:
+        assert v.budget == video_budget(256, "nvila-8b-video", 8, text_tokens=64)
+        for frames, pool in ((8, 1), (32, 1), (32, 4), (17, 4), (1, 32)):
+            v.frames.value, v.pool.value = frames, pool
+            assert v.budget == video_budget(frames, "nvila-8b-video", pool, text_tokens=64)
+            assert bytes(v.chart.value).startswith(PNG_MAGIC)
+            assert f">{v.budget.visual_tokens:,}<" in v.table.value
+        v.frames.value, v.pool.value = 32, 4  # Table 2: 32 frames / 4 cost what 8 frames cost unpooled
+        assert v.references["fewer frames, same tokens"].visual_tokens == v.budget.visual_tokens == 2048
+        assert v.references["no pooling"].vit_passes == v.budget.vit_passes == 32
+        assert v.message == ""
+        v.frames.value = 33
+        assert "last group averages 1 frame(s) alone" in v.message
+        v.text_tokens.value, v.frames.value, v.pool.value = 8192, 512, 1
+        assert "exceed the LLM's context of 32,768" in v.message
+        v.preset.value = "tiny-video"
+        assert (v.frames.value, v.pool.value) == (32, 4) and v.budget.visual_tokens == 8 * 16
+        assert "tiny-video: 32 frames / p4" in repr(v)
+    finally:
+        v.close()
+
+
+def test_video_dashboard_refuses_an_unknown_preset():
+    from nvila_lab.config import ConfigError
+    from nvila_lab.dash import build_video_dashboard
+    with pytest.raises(ConfigError, match="unknown preset"):
+        build_video_dashboard("nvila-8b-vidoe")
