@@ -82,10 +82,23 @@ _FG1, _FG2, _LINE = ("var(--jp-content-font-color1,#222)", "var(--jp-content-fon
 _PICTURE_W, _PICTURE_H = 480, 360  # largest size of the drawn grid, in screen pixels
 
 
-def _png(img: Image.Image) -> bytes:
+def _png(img: Image.Image | Figure) -> bytes:
+    "PNG bytes of a PIL image or a matplotlib figure (fast compression: dashboards redraw often)."
     buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=3)
+    if isinstance(img, Figure):
+        img.savefig(buf, format="png", pil_kwargs={"compress_level": 3})
+    else:
+        img.save(buf, format="PNG", compress_level=3)
     return buf.getvalue()
+
+
+def _close_tree(root: W.Widget) -> None:
+    "Close every widget below `root` (its children, theirs, ...), freeing their kernel-side state."
+    todo = list(getattr(root, "children", ()))
+    while todo:
+        w = todo.pop()
+        todo += list(getattr(w, "children", ()))
+        w.close()
 
 
 def _screen_plan(plan: TilePlan) -> TilePlan:
@@ -417,17 +430,11 @@ class TokenDashboard(W.VBox):
         ax.legend(loc="lower right", fontsize=8, frameon=False, ncols=3, bbox_to_anchor=(1, 1.0), borderaxespad=0.2)
         ax.grid(axis="x", alpha=0.25)
         self._fig.subplots_adjust(left=0.2, right=0.98, top=0.86, bottom=0.2)  # fixed: tight_layout would draw twice
-        buf = io.BytesIO()
-        self._fig.savefig(buf, format="png", pil_kwargs={"compress_level": 3})
-        return buf.getvalue()
+        return _png(self._fig)
 
     def close(self) -> None:
         "Close the dashboard and every widget inside it (frees their kernel-side state)."
-        todo = list(self.children)
-        while todo:
-            w = todo.pop()
-            todo += list(getattr(w, "children", ()))
-            w.close()
+        _close_tree(self)
         super().close()
 
     # ---- display ----
@@ -463,7 +470,7 @@ def build_token_dashboard(images: dict[str, Image.Image] | None = None, preset: 
     "The token-budget dashboard over `images` (name -> PIL image; default the sample images), starting at `preset`."
     return TokenDashboard(images, preset)
 
-# %% ../nbs/60_dash_tokens.ipynb #a328ce81
+# %% ../nbs/60_dash_tokens.ipynb #a5e9aefb
 _TABLE2 = ((8, 1, 55.7), (32, 1, 61.0), (32, 4, 60.1), (256, 8, 64.0))  # NVILA-8B on Video-MME (facts, section 10)
 
 
@@ -539,13 +546,7 @@ class VideoTokenDashboard(W.VBox):
             notes.append(f"{self._budget.llm_positions:,} positions exceed the LLM's context of {cfg.max_length:,}")
         self._message = "; ".join(notes)
         self.msg.value = f"<div style='color:#a02020;font-size:12px'>{html.escape(self._message)}</div>"
-        b, big = self._budget, f"font-size:22px;font-weight:600;color:{_FG1}"
-        self.summary.value = (
-            f"<div style='padding:2px 0 8px 0;color:{_FG2}'>"
-            f"<span class='nvl-tokens' style='{big}'>{b.visual_tokens:,}</span> visual tokens &nbsp;\u00b7&nbsp; "
-            f"<span class='nvl-passes' style='{big}'>{b.vit_passes}</span> vision passes &nbsp;\u00b7&nbsp; "
-            f"<span class='nvl-positions' style='{big}'>{b.llm_positions:,}</span> LLM positions &nbsp;\u00b7&nbsp; "
-            f"<span class='nvl-flops' style='{big}'>{human_flops(b.total_flops)}</span></div>")
+        self.summary.value = TokenDashboard._summary_html(self._budget, cfg)
         self.table.value = self.table_html()
         self.chart.value = self._chart_png()
 
@@ -583,17 +584,11 @@ class VideoTokenDashboard(W.VBox):
         ax.tick_params(labelsize=8); ax.grid(alpha=0.25); ax.legend(fontsize=8, frameon=False)
         ax.set_title("grey: NVILA-8B Video-MME settings (Table 2)", fontsize=8.5, color="#555")
         self._fig.subplots_adjust(left=0.14, right=0.97, top=0.9, bottom=0.16)
-        buf = io.BytesIO()
-        self._fig.savefig(buf, format="png", pil_kwargs={"compress_level": 3})
-        return buf.getvalue()
+        return _png(self._fig)
 
     def close(self) -> None:
         "Close the dashboard and every widget inside it."
-        todo = list(self.children)
-        while todo:
-            w = todo.pop()
-            todo += list(getattr(w, "children", ()))
-            w.close()
+        _close_tree(self)
         super().close()
 
     def __repr__(self) -> str:

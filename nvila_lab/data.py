@@ -30,8 +30,9 @@ if TYPE_CHECKING:  # transformers is imported lazily, only by the tokenizer func
 __all__ = ['IMAGE_SIZE', 'TASKS', 'DEFAULT_TASKS', 'CODE_QUESTIONS', 'COUNT_QUESTIONS', 'COLOURS', 'COLOUR_QUESTIONS',
            'POSITIONS', 'POSITION_QUESTIONS', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'DatasetError', 'Task',
            'register_task', 'get_task', 'font_file', 'make_read_code', 'make_count', 'make_colour', 'make_position',
-           'sample_rng', 'sample_id', 'make_sample', 'make_dataset', 'data_samples_dir', 'load_dataset', 'row_media',
-           'VQAFolder', 'SyntheticVQA', 'chat_messages', 'tokenizer_corpus', 'build_tokenizer', 'load_tokenizer']
+           'sample_rng', 'sample_id', 'make_sample', 'write_dataset', 'make_dataset', 'data_samples_dir',
+           'load_dataset', 'row_media', 'VQAFolder', 'SyntheticVQA', 'chat_messages', 'tokenizer_corpus',
+           'build_tokenizer', 'load_tokenizer']
 
 # %% ../nbs/09_data.ipynb #722d64fc
 IMAGE_SIZE: tuple[int, int] = (256, 192)  # (W, H): tiny Dynamic-S2 cuts a 4x3 grid, as NVILA-8B does for 1344x896
@@ -291,63 +292,86 @@ def _font_sha() -> str | None:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else None
 
 
-def _plan(tasks: Iterable[str] | str | None, n: int) -> list[tuple[str, int]]:
-    "(task, index) of each row: interleaved, row i is example i // T of task i % T."
-    names = [get_task(t).name for t in ([tasks] if isinstance(tasks, str) else (tasks or DEFAULT_TASKS))]
+def _plan(tasks: Iterable[str] | str | None, n: int, lookup: Callable | None = None,
+          default: tuple[str, ...] | None = None) -> list[tuple[str, int]]:
+    "(task, index) of each row: interleaved, row i is example i // T of task i % T. `lookup` finds a task by name."
+    lookup, default = lookup or get_task, default or DEFAULT_TASKS
+    names = [lookup(t).name for t in ([tasks] if isinstance(tasks, str) else (tasks or default))]
     if len(set(names)) != len(names):
         raise DatasetError(f"tasks {names} has repeats")
-    if not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise DatasetError(f"n (examples per task) must be a positive integer, got {n!r}")
     return [(names[i % len(names)], i // len(names)) for i in range(n * len(names))]
 
 
-def _clear_previous(out: Path) -> None:
-    "Delete what an earlier make_dataset wrote in `out` (files named in its data.jsonl, meta.json), nothing else."
+def _clear_previous(out: Path, generator: str, maker: str) -> None:
+    "Delete what an earlier run of `maker` wrote in `out` (the media its data.jsonl names, meta.json), nothing else."
+    meta = out / "meta.json"
+    if meta.is_file():
+        try:
+            gen = str(json.loads(meta.read_text()).get("generator", ""))
+        except (json.JSONDecodeError, AttributeError):
+            gen = ""
+        if gen.split(" ")[0] != generator.split(" ")[0]:
+            raise FileExistsError(f"{out} holds a dataset made by {gen or 'something else'!r}, not {maker}; "
+                                  "choose another folder (nothing was deleted)")
     jl = out / "data.jsonl"
     if jl.is_file():
         for line in jl.read_text().splitlines():
             try:
-                rel = json.loads(line).get("image")
+                row = json.loads(line)
+                rel = row.get("image", row.get("video"))
             except (json.JSONDecodeError, AttributeError):
                 continue
             p = (out / rel).resolve() if isinstance(rel, str) else None
             if p is not None and p.is_file() and out.resolve() in p.parents:
                 p.unlink()
         jl.unlink()
-    if (out / "meta.json").is_file():
-        (out / "meta.json").unlink()
+    if meta.is_file():
+        meta.unlink()
 
 
-def make_dataset(tasks: Iterable[str] | str | None, n: int, seed: int, out_dir: str | Path, progress: bool = True,
-                 overwrite: bool = False, size: tuple[int, int] = IMAGE_SIZE) -> Path:
-    "Write `n` examples per task (None: `DEFAULT_TASKS`) with `seed` to `out_dir`: images/<id>.png + data.jsonl. Returns `out_dir`."
-    plan = _plan(tasks, n)
+def write_dataset(out_dir: str | Path, plan: list[tuple[str, int]], write_example: Callable, meta: dict,
+                  media: str = "images", maker: str = "make_dataset", overwrite: bool = False,
+                  progress: bool = True) -> Path:
+    """The steps `make_dataset` and `make_video_dataset` share: refuse a used folder unless `overwrite` (then delete
+    only what an earlier `maker` wrote), write each planned (task, index) with `write_example(task, index, out) -> row`,
+    then meta.json and, last, data.jsonl (an interrupted run leaves no dataset that looks complete)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DatasetError(f"{out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out} is not empty; choose an empty or new folder, or pass overwrite=True to "
-                                  "replace the dataset there (only files an earlier make_dataset wrote are deleted)")
-        _clear_previous(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+                                  f"replace the dataset there (only files an earlier {maker} wrote are deleted)")
+        _clear_previous(out, meta["generator"], maker)
+    (out / media).mkdir(parents=True, exist_ok=True)
     it = plan
     if progress:
         from tqdm import tqdm
-        it = tqdm(plan, desc=f"making {out.name}", unit="img")
-    rows = []
-    for name, index in it:
-        s = make_sample(name, seed, index, size)
-        rel = f"images/{s['id']}.png"
-        s["image"].save(out / rel, optimize=True)
-        rows.append({"id": s["id"], "task": name, "image": rel, "question": s["question"], "answer": s["answer"],
-                     "seed": seed, "index": index})
-    meta = {"tasks": list(dict.fromkeys(t for t, _ in plan)), "n_per_task": n,
-            "seed": seed, "size": list(size), "font": Path(font_file()).name if font_file() else "pillow-default",
-            "font_sha256": _font_sha(), "generator": "nvila_lab.data v1"}
+        it = tqdm(plan, desc=f"making {out.name}", unit=media.rstrip("s"))
+    rows = [write_example(name, index, out) for name, index in it]
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     (out / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
+
+
+def make_dataset(tasks: Iterable[str] | str | None, n: int, seed: int, out_dir: str | Path, progress: bool = True,
+                 overwrite: bool = False, size: tuple[int, int] = IMAGE_SIZE) -> Path:
+    "Write `n` examples per task (None: `DEFAULT_TASKS`) with `seed` to `out_dir`: images/<id>.png + data.jsonl. Returns `out_dir`."
+    plan = _plan(tasks, n)
+
+    def write(name: str, index: int, out: Path) -> dict:
+        s = make_sample(name, seed, index, size)
+        rel = f"images/{s['id']}.png"
+        s["image"].save(out / rel, optimize=True)
+        return {"id": s["id"], "task": name, "image": rel, "question": s["question"], "answer": s["answer"],
+                "seed": seed, "index": index}
+
+    meta = {"tasks": list(dict.fromkeys(t for t, _ in plan)), "n_per_task": n,
+            "seed": seed, "size": list(size), "font": Path(font_file()).name if font_file() else "pillow-default",
+            "font_sha256": _font_sha(), "generator": "nvila_lab.data v1"}
+    return write_dataset(out_dir, plan, write, meta, "images", "make_dataset", overwrite, progress)
 
 # %% ../nbs/09_data.ipynb #b4914b6e
 def data_samples_dir() -> Path:

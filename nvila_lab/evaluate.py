@@ -276,11 +276,12 @@ def evaluate(model, data, batch_size: int = 16, max_new_tokens: int = 8, progres
     return EvalReport(scores, seconds=time.perf_counter() - t0, max_new_tokens=max_new_tokens, errors=errs,
                       predictions=predictions)
 
-# %% ../nbs/11_eval.ipynb #24eb5725
+# %% ../nbs/11_eval.ipynb #f8d75a76
 def run_setting(name: str, cfg, tokenizer, train_data, held_out, schedule: list, projector_kwargs: dict | None = None,
-                seed: int = 0, progress: bool = False) -> dict:
-    """Train a fresh `NVILAModel(cfg)` through `schedule` (TrainConfigs, in order) on `train_data`, score it on
-    `held_out`; -> {'setting', 'visual_tokens', 'llm_positions', 'train_steps', 'train_seconds', 'accuracy': {task: acc}}."""
+                seed: int = 0, progress: bool = False, init: dict | None = None) -> dict:
+    """Train a fresh `NVILAModel(cfg)` (or one loaded from the state dict `init`, e.g. an image-trained model, as
+    NVILA's video SFT starts from its image SFT) through `schedule` (TrainConfigs, in order) on `train_data`, score
+    it on `held_out`; -> {'setting', 'visual_tokens', 'llm_positions', 'train_steps', 'train_seconds', 'accuracy'}."""
     import torch
     from nvila_lab.data import row_media
     from nvila_lab.encoder import ImageEncoder
@@ -291,6 +292,8 @@ def run_setting(name: str, cfg, tokenizer, train_data, held_out, schedule: list,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = NVILAModel(cfg, tokenizer, encoder=ImageEncoder(cfg, **(projector_kwargs or {})))
+        if init is not None:
+            model.load_state_dict(init)
         seconds, steps = 0.0, 0
         for tc in schedule:
             hist = train(model, train_data, tc, progress=progress)

@@ -16,8 +16,8 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .data import (COLOURS, TASKS, DatasetError, _jitter, _page, _pick, _shape, data_samples_dir, load_dataset, sample_id,
-                            sample_rng)
+from .data import (COLOURS, TASKS, DatasetError, _jitter, _page, _pick, _plan, _shape, data_samples_dir,
+                            load_dataset, sample_id, sample_rng, write_dataset)
 from .video import sample_indices, write_video
 
 # %% auto #0
@@ -181,38 +181,7 @@ GENERATOR = "nvila_lab.video_data v1"
 
 def _video_plan(tasks: Iterable[str] | str | None, n: int) -> list[tuple[str, int]]:
     "(task, index) of each row: interleaved, row i is example i // T of task i % T."
-    names = [get_video_task(t).name for t in ([tasks] if isinstance(tasks, str) else (tasks or VIDEO_DEFAULT_TASKS))]
-    if len(set(names)) != len(names):
-        raise DatasetError(f"tasks {names} has repeats")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise DatasetError(f"n (examples per task) must be a positive integer, got {n!r}")
-    return [(names[i % len(names)], i // len(names)) for i in range(n * len(names))]
-
-
-def _clear_previous_videos(out: Path) -> None:
-    "Delete what an earlier make_video_dataset wrote in `out` (videos named in its data.jsonl, meta.json), nothing else."
-    meta = out / "meta.json"
-    if meta.is_file():
-        try:
-            gen = json.loads(meta.read_text()).get("generator", "")
-        except (json.JSONDecodeError, AttributeError):
-            gen = ""
-        if not str(gen).startswith("nvila_lab.video_data"):
-            raise FileExistsError(f"{out} holds a dataset made by {gen or 'something else'!r}, not make_video_dataset; "
-                                  "choose another folder (nothing was deleted)")
-    jl = out / "data.jsonl"
-    if jl.is_file():
-        for line in jl.read_text().splitlines():
-            try:
-                rel = json.loads(line).get("video")
-            except (json.JSONDecodeError, AttributeError):
-                continue
-            p = (out / rel).resolve() if isinstance(rel, str) else None
-            if p is not None and p.is_file() and out.resolve() in p.parents:
-                p.unlink()
-        jl.unlink()
-    if meta.is_file():
-        meta.unlink()
+    return _plan(tasks, n, lookup=get_video_task, default=VIDEO_DEFAULT_TASKS)
 
 
 def make_video_dataset(out_dir: str | Path, tasks: Iterable[str] | str | None = None, n: int = 100, seed: int = 0,
@@ -220,32 +189,18 @@ def make_video_dataset(out_dir: str | Path, tasks: Iterable[str] | str | None = 
                        fps: int = VIDEO_FPS) -> Path:
     "Write `n` clips per video task (None: `VIDEO_DEFAULT_TASKS`) with `seed` to `out_dir`: videos/<id>.mp4, data.jsonl, meta.json."
     plan = _video_plan(tasks, n)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise DatasetError(f"{out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} is not empty; choose an empty or new folder, or pass overwrite=True to "
-                                  "replace the video dataset there (only files an earlier make_video_dataset wrote are deleted)")
-        _clear_previous_videos(out)
-    (out / "videos").mkdir(parents=True, exist_ok=True)
-    it = plan
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(plan, desc=f"making {out.name}", unit="clip")
-    rows = []
-    for name, index in it:
+
+    def write(name: str, index: int, out: Path) -> dict:
         s = make_video_sample(name, seed, index, n_frames)
         rel = f"videos/{s['id']}.mp4"
         write_video(s["frames"], out / rel, fps=fps)
-        rows.append({"id": s["id"], "task": name, "video": rel, "question": s["question"], "answer": s["answer"],
-                     "seed": seed, "index": index})
+        return {"id": s["id"], "task": name, "video": rel, "question": s["question"], "answer": s["answer"],
+                "seed": seed, "index": index}
+
     meta = {"tasks": list(dict.fromkeys(t for t, _ in plan)), "n_per_task": n, "seed": seed, "n_frames": n_frames,
             "fps": fps, "size": [VIDEO_SIZE, VIDEO_SIZE], "codec": "libx264", "pix_fmt": "yuv444p", "crf": 0,
             "generator": GENERATOR}
-    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    (out / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return out
+    return write_dataset(out_dir, plan, write, meta, "videos", "make_video_dataset", overwrite, progress)
 
 
 def load_video_dataset(folder: str | Path | None = None) -> list[dict]:

@@ -534,6 +534,56 @@ def test_ask_and_eval_with_a_saved_tiny_checkpoint(tmp_path, image_path):
     assert d["accuracy"] <= d["chance"]
 
 
+@pytest.fixture(scope="module")
+def video_path():
+    from nvila_lab.video_data import load_video_dataset
+    return load_video_dataset()[0]["video_path"]  # flash_0_00000.mp4, shipped
+
+
+def test_ask_takes_a_video(tmp_path, stub, capsys, video_path):
+    from nvila_lab.temporal import Video
+    rc, o, e = run_main(capsys, "ask", "--checkpoint", str(tmp_path), video_path, "What colour flashed?",
+                        "--frames", "32")
+    assert (rc, o, e) == (0, "3\n", "")
+    [call] = stub.calls
+    assert isinstance(call["image"], Video) and (str(call["image"].source), call["image"].num_frames) == (video_path, 32)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "{tmp}", "{tmp}/missing.mp4", "What flashed?"], "missing.mp4"),
+    (["--checkpoint", "{tmp}", "{tmp}/broken.mp4", "What flashed?"], "broken.mp4"),
+    (["--checkpoint", "{tmp}", "{img}", "How many?", "--frames", "8"], "--frames only applies to videos"),
+    (["--checkpoint", "{tmp}", "{vid}", "What flashed?", "--frames", "0"], "must be at least 1"),
+])
+def test_ask_video_errors_before_loading(tmp_path, stub, capsys, image_path, video_path, argv, message):
+    (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
+    fill = lambda s: s.format(tmp=tmp_path, img=image_path, vid=video_path)
+    rc, o, e = run_main(capsys, "ask", *map(fill, argv))
+    assert rc == 2 and o == "" and fill(message) in e, e
+    assert e.startswith("nvila-lab ask: error: ") and e.count("\n") == 1
+    assert stub.loads == []
+
+
+def test_ask_and_eval_videos_with_a_saved_tiny_checkpoint(tmp_path, video_path):
+    "A tiny video model (8 frames averaged 4 by 4), saved, asked about a shipped clip and evaluated on a video set."
+    import nvila_lab.checkpoint as ckpt
+    from nvila_lab.config import get_config
+    from nvila_lab.data import load_tokenizer
+    from nvila_lab.model import NVILAModel
+    folder = ckpt.save_nvila(NVILAModel(get_config("tiny", num_video_frames=8, temporal_pool=4), load_tokenizer()),
+                             tmp_path / "tiny-video")
+    r = cli("ask", "--checkpoint", str(folder), video_path, "What colour flashed?", "--max-new-tokens", "3")
+    assert r.returncode == 0 and r.stdout.endswith("\n"), r.stderr
+    made = cli("make-data", "--task", "order", "--task", "direction", "--n", "2", "--seed", "5", "--out",
+               str(tmp_path / "vids"))
+    assert made.returncode == 0, made.stderr
+    r = cli("eval", "--checkpoint", str(folder), "--data", str(tmp_path / "vids"), "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert (d["n"], list(d["tasks"])) == (4, ["order", "direction"])
+    assert d["tasks"]["direction"]["chance"] == 0.25  # found among the video tasks
+
+
 def test_model_commands_stay_lazy():
     "Importing the CLI, listing tasks and asking for help load neither torch nor transformers."
     code = ("import sys, contextlib, io\nfrom nvila_lab.cli import main\n"
