@@ -66,25 +66,33 @@ def register_task(name: str, description: str, questions: Iterable[str], answers
                   fine: bool = False) -> Callable:
     "Decorator: register `make(rng, size) -> (image, question, answer)` as the task `name` in `TASKS`."
     def deco(make: Callable) -> Callable:
-        qs, ans = list(questions), list(answers)
-        if not qs or not ans:
-            raise DatasetError(f"task {name!r} needs at least one question and one answer")
-        if len(set(ans)) != len(ans):
-            raise DatasetError(f"task {name!r} has repeated answers")
-        TASKS[name] = Task(name, description, qs, ans, make, fine)
+        TASKS[name] = Task(name, description, *_task_lists("task", name, questions, answers), make, fine)
         return make
     return deco
 
 
+def _task_lists(kind: str, name: str, questions: Iterable[str], answers: Iterable[str]) -> tuple[list, list]:
+    "The question and answer lists of a task being registered, checked (shared by image and video tasks)."
+    qs, ans = list(questions), list(answers)
+    if not qs or not ans:
+        raise DatasetError(f"{kind} {name!r} needs at least one question and one answer")
+    if len(set(ans)) != len(ans):
+        raise DatasetError(f"{kind} {name!r} has repeated answers")
+    return qs, ans
+
+
+def _lookup(registry: dict, task, kind: str = "task"):
+    "`registry[task]`, or a `DatasetError` with a close-match hint (shared by image and video tasks)."
+    if task not in registry:
+        hint = difflib.get_close_matches(str(task), registry, n=1)
+        raise DatasetError(f"unknown {kind} {task!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+                           + f" {kind[0].upper() + kind[1:]}s: {', '.join(registry)}.")
+    return registry[task]
+
+
 def get_task(task: str | Task) -> Task:
     "The registered task called `task` (or a `Task` passed through); unknown names raise a `DatasetError` with a hint."
-    if isinstance(task, Task):
-        return task
-    if task not in TASKS:
-        hint = difflib.get_close_matches(str(task), TASKS, n=1)
-        raise DatasetError(f"unknown task {task!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
-                           + f" Tasks: {', '.join(TASKS)}.")
-    return TASKS[task]
+    return task if isinstance(task, Task) else _lookup(TASKS, task)
 
 # %% ../nbs/09_data.ipynb #6e5abe44
 _SYSTEM_FONTS = ("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf", "/usr/share/fonts/dejavu/DejaVuSans-Bold.ttf",

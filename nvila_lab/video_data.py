@@ -7,7 +7,6 @@ Docs: https://nvila-lab.github.io/nvila-lab/video_data.html.md"""
 # %% ../nbs/13_video_data.ipynb #f780142b
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +15,8 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .data import (COLOURS, TASKS, DatasetError, _jitter, _page, _pick, _plan, _shape, data_samples_dir,
-                            load_dataset, sample_id, sample_rng, write_dataset)
+from .data import (COLOURS, TASKS, DatasetError, _jitter, _lookup, _page, _pick, _plan, _shape, _task_lists,
+                            data_samples_dir, load_dataset, sample_id, sample_rng, write_dataset)
 from .video import sample_indices, write_video
 
 # %% auto #0
@@ -57,11 +56,7 @@ def register_video_task(name: str, description: str, questions: Iterable[str], a
                         dense: bool = False) -> Callable:
     "Decorator: register `make(rng, n_frames) -> (frames [T, 64, 64, 3] uint8, question, answer)` as `name` in `VIDEO_TASKS`."
     def deco(make: Callable) -> Callable:
-        qs, ans = list(questions), list(answers)
-        if not qs or not ans:
-            raise DatasetError(f"video task {name!r} needs at least one question and one answer")
-        if len(set(ans)) != len(ans):
-            raise DatasetError(f"video task {name!r} has repeated answers")
+        qs, ans = _task_lists("video task", name, questions, answers)
         if name in TASKS:
             raise DatasetError(f"{name!r} is already an image task; video and image tasks share sample ids, pick another name")
         VIDEO_TASKS[name] = VideoTask(name, description, qs, ans, make, dense)
@@ -71,13 +66,7 @@ def register_video_task(name: str, description: str, questions: Iterable[str], a
 
 def get_video_task(task: str | VideoTask) -> VideoTask:
     "The registered video task called `task` (or a `VideoTask` passed through); unknown names get a hint."
-    if isinstance(task, VideoTask):
-        return task
-    if task not in VIDEO_TASKS:
-        hint = difflib.get_close_matches(str(task), VIDEO_TASKS, n=1)
-        raise DatasetError(f"unknown video task {task!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
-                           + f" Video tasks: {', '.join(VIDEO_TASKS)}.")
-    return VIDEO_TASKS[task]
+    return task if isinstance(task, VideoTask) else _lookup(VIDEO_TASKS, task, "video task")
 
 # %% ../nbs/13_video_data.ipynb #22f34bc0
 def flash_starts(n_frames: int = VIDEO_FRAMES, miss: int = 8, catch: int = 32, length: int = 2) -> list[int]:
