@@ -141,7 +141,7 @@ _QWEN25_7B = dict(llm_hidden=3584, llm_layers=28, llm_heads=28, llm_kv_heads=4, 
 _QWEN25_1P5B = dict(llm_hidden=1536, llm_layers=28, llm_heads=12, llm_kv_heads=2, llm_intermediate=8960,
                     vocab_size=151936, rope_theta=1e6, max_length=32768, tie_word_embeddings=True)
 _TINY = dict(image_size=64, patch_size=8, vision_hidden=64, vision_intermediate=128, vision_layers=3,
-             vision_heads=4, s2_scales=(64, 128, 192), llm_hidden=128, llm_layers=2, llm_heads=4, llm_kv_heads=2,
+             vision_heads=4, s2_scales=(64, 128, 192), llm_hidden=128, llm_layers=4, llm_heads=4, llm_kv_heads=2,
              llm_intermediate=256, vocab_size=1024, rope_theta=1e4, max_length=4096, tie_word_embeddings=True)
 
 PRESETS: dict[str, NVILAConfig] = {

@@ -190,7 +190,8 @@ _STEPS = ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (1, -1), (-1, 1), (-1, -1))
 def _dot_cluster(rng: np.random.Generator, n: int, size: tuple[int, int]) -> list[tuple[int, int, int]]:
     "`n` squares (x, y, side) of 4-6 px, each 1-2 px from a neighbour and at least 1 px from every other."
     w, h = size
-    dots = [(int(rng.integers(30, w - 36)), int(rng.integers(24, h - 30)), int(rng.integers(4, 7)))]
+    # the first dot 30 px from the left and 24 from the top on full pages; closer to the edge on small ones
+    dots = [(int(rng.integers(min(30, w // 8), w - 36)), int(rng.integers(min(24, h // 8), h - 30)), int(rng.integers(4, 7)))]
     while len(dots) < n:
         bx, by, bs = dots[int(rng.integers(len(dots)))]
         s, gap = int(rng.integers(4, 7)), int(rng.integers(1, 3))

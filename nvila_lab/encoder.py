@@ -7,7 +7,9 @@ Docs: https://nvila-lab.github.io/nvila-lab/encoder.html.md"""
 # %% ../nbs/05_encoder.ipynb #230ac44e
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -78,6 +80,16 @@ class ImageEncoder(nn.Module):
     def plan(self, size: tuple[int, int]) -> TilePlan:
         "The tiling plan for an image of `size` = (W, H)."
         return plan_image(size, self.cfg)
+
+    @contextmanager
+    def tiling_as(self, tiling: str) -> Iterator["ImageEncoder"]:
+        "Encode with another tiling mode inside a `with` block (e.g. 'resize': one tile an image); the config comes back on exit."
+        saved = self.cfg
+        self.cfg = saved.replace(tiling=tiling)  # a ConfigError names the modes if `tiling` is not one
+        try:
+            yield self
+        finally:
+            self.cfg = saved
 
     def project(self, segments: list[torch.Tensor], grids: list[tuple[int, int]]) -> list[torch.Tensor]:
         "Projector over every segment's tiles [tiles, h, w, C'] in one call; tokens stitched row-major across each segment's (cols, rows) grid."

@@ -7,6 +7,7 @@ Docs: https://nvila-lab.github.io/nvila-lab/train.html.md"""
 # %% ../nbs/10_train.ipynb #6e33c105
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from tqdm.auto import tqdm
 
+from .config import TILING_MODES
 from .data import row_media
 from .model import NVILAModel
 
@@ -136,6 +138,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int | None = None  # steps between resumable states in out_dir (None: only at the end)
     out_dir: str | None = None
+    tiling: str | None = None  # encode training images with this tiling mode ('resize': one tile) instead of the model's
 
 
 @dataclass
@@ -212,6 +215,8 @@ def train(model: NVILAModel, data, tc: TrainConfig | None = None, resume: str | 
         stage = replace(stage, lr=tc.lr)
     if len(data) == 0:
         raise ValueError("the training data is empty")
+    if tc.tiling is not None and tc.tiling not in TILING_MODES:
+        raise ValueError(f"TrainConfig.tiling must be None (the model's own) or one of {TILING_MODES}, got {tc.tiling!r}")
     torch.manual_seed(tc.seed)
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     groups = apply_stage(model, stage)
@@ -234,6 +239,7 @@ def train(model: NVILAModel, data, tc: TrainConfig | None = None, resume: str | 
         gen.manual_seed(tc.seed + start)  # a fresh, reproducible order for the remaining steps
     model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
     core = acc.unwrap_model(model)
+    tiling = (lambda: core.encoder.tiling_as(tc.tiling)) if tc.tiling else contextlib.nullcontext
     model.train()
     t0 = time.perf_counter() - (history.records[-1]["seconds"] if history.records else 0.0)
     seen, running = 0, []
@@ -243,8 +249,9 @@ def train(model: NVILAModel, data, tc: TrainConfig | None = None, resume: str | 
         for rows in loader:
             if step >= tc.steps:
                 break
-            loss = model([row_media(r) for r in rows], [r["question"] for r in rows],
-                         [r["answer"] for r in rows])
+            with tiling():
+                loss = model([row_media(r) for r in rows], [r["question"] for r in rows],
+                             [r["answer"] for r in rows])
             acc.backward(loss)
             if tc.grad_clip:
                 acc.clip_grad_norm_([p for g in groups for p in g["params"]], tc.grad_clip)

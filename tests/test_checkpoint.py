@@ -469,6 +469,6 @@ def test_inspect_checkpoint_summary(saved, tiny):
     assert (info["format"], info["preset"], info["issues"], info["media_tokens"]) == ("nvila-lab", "tiny", [], True)
     assert info["config"] == tiny.cfg
     assert info["total_parameters"] == sum(p.numel() for p in tiny.parameters())
-    assert {p: d["tensors"] for p, d in info["parts"].items()} == {"llm": 26, "vision_tower": 53, "mm_projector": 6}
+    assert {p: d["tensors"] for p, d in info["parts"].items()} == {"llm": 50, "vision_tower": 53, "mm_projector": 6}
     assert info["parts"]["vision_tower"]["bytes"] == (saved / "vision_tower/model.safetensors").stat().st_size
     assert "shaped like preset 'tiny'" in info["description"] and "mlp_downsample" in info["description"]
