@@ -9,7 +9,7 @@ on read_code alone, from the same seed, and scores 100 held-out questions (a see
     A  random tower, no warm-up          --full-steps on full pages
     B  pretrained tower (notebook 09a), no warm-up
     C  pretrained tower + --warmup-steps on 64x64 pages encoded as one tile (16 tokens), then full pages
-    D  as C with a 2-layer LLM instead of tiny's 4 (the second digit needs the extra depth)
+    D  as C with a 2-layer LLM instead of tiny's 4 (does reading the second digit need the depth?)
 
 Arms run one after another with the same learning rate (1e-3) and batch (16). Results go to
 benchmarks/results/reading_ablation_cpu.{json,md}. About 20 minutes on 2 CPU cores with the defaults.

@@ -1,4 +1,4 @@
-"""NVILA starts from a SigLIP that has already seen billions of images. The `tiny` tower starts from nothing, so before it learns to answer questions it learns, in two minutes, to see the small things the fine tasks are about: digits and dots.
+"""NVILA starts from a SigLIP that has already seen billions of images. The `tiny` tower starts from nothing, so before it learns to answer questions it learns, in a few minutes, to see the small things the fine tasks are about: digits and dots.
 
 Docs: https://nvila-lab.github.io/nvila-lab/tower_pretrain.html.md"""
 
