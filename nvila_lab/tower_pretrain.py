@@ -15,17 +15,19 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import nn
+from tqdm.auto import tqdm
 
 from .config import NVILAConfig, get_config
 from .data import _font, _page, data_samples_dir
 from .images import preprocess
-from .vision import build_vision_tower, tile_features
+from .vision import tile_features
 
 # %% auto #0
 __all__ = ['GLYPH_CLASSES', 'glyph_tile', 'TowerPretrainHistory', 'pretrain_tower', 'tower_dir', 'load_pretrained_tower']
 
 # %% ../nbs/09a_tower_pretrain.ipynb #a1f0c006
 GLYPH_CLASSES: tuple[str, ...] = ("nothing",) + tuple(str(d) for d in range(10)) + ("dot",)
+_DOT = GLYPH_CLASSES.index("dot")
 
 
 def glyph_tile(rng: np.random.Generator, tile: int = 64, patch: int = 8, max_objects: int = 3,
@@ -45,14 +47,14 @@ def glyph_tile(rng: np.random.Generator, tile: int = 64, patch: int = 8, max_obj
             w, h, cls = r - l, b - t, 1 + digit
         else:  # a dot
             w = h = int(rng.integers(4, 7))
-            cls = GLYPH_CLASSES.index("dot")
+            cls = _DOT
         if w + 8 > tile or h + 8 > tile:
             continue
         x, y = int(rng.integers(4, tile - w - 3)), int(rng.integers(4, tile - h - 3))
         if any(x < px + pw + 2 and px < x + w + 2 and y < py + ph + 2 and py < y + h + 2 for px, py, pw, ph in placed):
             continue  # would touch an object already drawn: skip it
         placed.append((x, y, w, h))
-        if cls == GLYPH_CLASSES.index("dot"):
+        if cls == _DOT:
             g = int(rng.integers(20, 101))
             d.rectangle((x, y, x + w - 1, y + h - 1), fill=(g, g, g))
         else:
@@ -95,7 +97,6 @@ def pretrain_tower(tower: nn.Module, cfg: NVILAConfig | str = "tiny", steps: int
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     history, losses, hits, t0 = TowerPretrainHistory(), [], [], time.perf_counter()
     tower.train()
-    from tqdm.auto import tqdm
     for step in tqdm(range(1, steps + 1), disable=not progress, desc="glyph pretraining"):
         tiles, labels = zip(*[glyph_tile(rng, cfg.image_size, cfg.patch_size) for _ in range(batch_size)])
         y = torch.from_numpy(np.stack(labels)).to(device)  # [B, h, w]
