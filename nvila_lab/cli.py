@@ -18,8 +18,7 @@ from . import __version__
 from .config import get_config, list_presets, llm_params, vision_params
 
 # %% auto #0
-__all__ = ['MAX_SIDE', 'COMMANDS', 'UsageError', 'parse_size', 'budget_table', 'preset_summary', 'task_table', 'build_parser',
-           'main']
+__all__ = ['COMMANDS', 'UsageError', 'budget_table', 'preset_summary', 'task_table', 'build_parser', 'main']
 
 # %% ../nbs/80_cli.ipynb #0e9c41b1
 class UsageError(Exception):
@@ -35,21 +34,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(self.prog, f"{message}; see `{self.prog} --help`")
 
 # %% ../nbs/80_cli.ipynb #00af083d
-MAX_SIDE = 1_000_000_000  # the largest side accepted: far past any real image, small enough for float aspect ratios
-_SIZE = re.compile(r"^\s*([+-]?[0-9]+)\s*[xX]\s*([+-]?[0-9]+)\s*$")
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    "`'1344x896'` -> `(1344, 896)`; a `ValueError` that names the rule for anything else."
-    m = _SIZE.match(text)
-    if not m:
-        raise ValueError(f"size {text!r} is not WIDTHxHEIGHT in whole pixels; write it like 1344x896")
-    w, h = int(m[1]), int(m[2])
-    if w < 1 or h < 1:
-        raise ValueError(f"size {text!r}: width and height must be at least 1 pixel; write it like 1344x896")
-    if w > MAX_SIDE or h > MAX_SIDE:
-        raise ValueError(f"size {text!r}: each side must be at most {MAX_SIDE:,} pixels")
-    return w, h
+from .tiling import MAX_SIDE, parse_size  # one size parser for the kit (notebook 02)
 
 # %% ../nbs/80_cli.ipynb #0df09e32
 def _whole_number(text: str, least: int) -> int:

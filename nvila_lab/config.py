@@ -8,11 +8,21 @@ Docs: https://nvila-lab.github.io/nvila-lab/config.html.md"""
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass, fields, replace
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
 
 # %% auto #0
 __all__ = ['TILING_MODES', 'PRESETS', 'SYSTEM_PROMPT', 'IMAGE_TOKEN', 'VIDEO_TOKEN', 'MEDIA_TOKENS', 'IGNORE_INDEX',
-           'ConfigError', 'NVILAConfig', 'list_presets', 'get_config', 'vision_params', 'llm_params']
+           'did_you_mean', 'ConfigError', 'NVILAConfig', 'list_presets', 'get_config', 'vision_params', 'llm_params']
+
+# %% ../nbs/00_config.ipynb #fc60aae1
+def did_you_mean(kind: str, name, choices, extra: str = "") -> str:
+    """The kit's one message for an unknown name: `unknown preset 'tiny2'; did you mean 'tiny'? Choices: ...`.
+    `kind` names the registry, `choices` are the known names (shown in order), `extra` is appended as is."""
+    choices = [str(c) for c in choices]
+    hint = difflib.get_close_matches(str(name), choices, n=1)
+    return (f"unknown {kind} {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else ".")
+            + f" Choices: {', '.join(choices) or '(none registered)'}." + (f" {extra}" if extra else ""))
 
 # %% ../nbs/00_config.ipynb #2ec3c693
 TILING_MODES = ("dynamic_s2", "dynamic", "s2", "resize")
@@ -41,6 +51,7 @@ class NVILAConfig:
     max_tiles: int = 12
     # --- token compression ---
     projector: str = "stc2x2"  # a name in the compressor registry (notebook 04)
+    projector_kwargs: dict = field(default_factory=dict)  # the compressor's own settings, e.g. {"n_tokens": 9}
     # --- LLM (Qwen2 shapes) ---
     llm_hidden: int = 3584  # D
     llm_layers: int = 28
@@ -53,11 +64,21 @@ class NVILAConfig:
     tie_word_embeddings: bool = False
     # --- video ---
     num_video_frames: int = 8
-    temporal_pool: int = 1  # average groups of this many consecutive frames' tokens
+    temporal_pool: int = 1  # frames per group the temporal compressor turns into one frame's tokens
+    temporal_compressor: str = "avg"  # a name in the temporal registry (notebook 14); NVILA averages
+    temporal_kwargs: dict = field(default_factory=dict)  # the temporal compressor's own settings
 
     def __post_init__(self):
         object.__setattr__(self, "s2_scales", tuple(int(s) for s in self.s2_scales))
+        for f in ("projector_kwargs", "temporal_kwargs"):
+            v = getattr(self, f)
+            if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+                raise ConfigError(f"config {self.name!r}: {f} must be a dict of str keys, got {v!r}")
+            object.__setattr__(self, f, dict(v))  # a private copy: the frozen config never shares a mutable dict
         _validate(self)
+
+    def __hash__(self) -> int:  # frozen, but two fields are dicts: hash the JSON-ready form
+        return hash(json.dumps(self.to_dict(), sort_keys=True, default=str))
 
     # ---- derived sizes (never stored, so they cannot drift) ----
     @property
@@ -84,9 +105,7 @@ class NVILAConfig:
         known = {f.name for f in fields(self)}
         for k in changes:
             if k not in known:
-                hint = difflib.get_close_matches(k, known, n=1)
-                raise ConfigError(f"NVILAConfig has no field {k!r}" + (f"; did you mean {hint[0]!r}?" if hint else ".")
-                                  + f" Fields: {', '.join(sorted(known))}.")
+                raise ConfigError(did_you_mean("NVILAConfig field", k, sorted(known)))
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -100,8 +119,14 @@ class NVILAConfig:
                   "dynamic": f"dynamic {self.min_tiles}-{self.max_tiles} tiles + thumbnail",
                   "s2": f"S2 {self.s2_scales}", "resize": "resize to 1 tile"}[self.tiling]
         return (f"NVILAConfig({self.name!r}: SigLIP {self.image_size}px/p{self.patch_size} w{self.vision_hidden} "
-                f"x{self.vision_layers}L | {tiling} | {self.projector} | "
-                f"Qwen2 w{self.llm_hidden} x{self.llm_layers}L | video {self.num_video_frames}f/p{self.temporal_pool})")
+                f"x{self.vision_layers}L | {tiling} | {self.projector}{_kw(self.projector_kwargs)} | "
+                f"Qwen2 w{self.llm_hidden} x{self.llm_layers}L | video {self.num_video_frames}f/{self.temporal_compressor}{_kw(self.temporal_kwargs)}"
+                f" p{self.temporal_pool})")
+
+
+def _kw(kwargs: dict) -> str:
+    "A compressor's settings as `(k=v, ...)` for a repr, or nothing when it has none."
+    return "(" + ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items())) + ")" if kwargs else ""
 
 
 def _validate(c: NVILAConfig) -> None:
@@ -165,9 +190,7 @@ def get_config(preset: str | NVILAConfig = "tiny", **overrides) -> NVILAConfig:
         cfg = preset
     else:
         if preset not in PRESETS:
-            hint = difflib.get_close_matches(str(preset), PRESETS, n=1)
-            raise ConfigError(f"unknown preset {preset!r}" + (f"; did you mean {hint[0]!r}?" if hint else ".")
-                              + f" Presets: {', '.join(PRESETS)}.")
+            raise ConfigError(did_you_mean("preset", preset, PRESETS))
         cfg = PRESETS[preset]
     return cfg.replace(**overrides) if overrides else cfg
 

@@ -8,6 +8,7 @@ Docs: https://nvila-lab.github.io/nvila-lab/tiling.html.md"""
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -16,8 +17,8 @@ from PIL import Image, ImageDraw
 from .config import ConfigError, NVILAConfig
 
 # %% auto #0
-__all__ = ['candidate_grids', 'closest_grid', 'ScaleGrid', 'TilePlan', 'plan_dynamic_s2', 'plan_dynamic', 'plan_s2',
-           'plan_resize', 'plan_image', 'cut_tiles', 'draw_plan']
+__all__ = ['MAX_SIDE', 'candidate_grids', 'closest_grid', 'ScaleGrid', 'TilePlan', 'plan_dynamic_s2', 'plan_dynamic', 'plan_s2',
+           'plan_resize', 'plan_image', 'parse_size', 'cut_tiles', 'draw_plan']
 
 # %% ../nbs/02_tiling.ipynb #bb1cd84a
 def candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
@@ -186,6 +187,23 @@ def plan_image(size: tuple[int, int], cfg: NVILAConfig, warn: bool = True) -> Ti
             warnings.warn(f"image {w}x{h} (aspect {w / h:.3g}) is far from every grid up to {cfg.max_tiles} tiles; "
                           f"the {cols}x{rows} grid stretches it {stretch:.1f}x. Pad or crop it first for better results")
     return plan
+
+# %% ../nbs/02_tiling.ipynb #aa5dea11
+MAX_SIDE = 1_000_000_000  # the largest side accepted: far past any real image, small enough for float aspect ratios
+_SIZE = re.compile(r"^\s*([+-]?[0-9]+)\s*[xX]\s*([+-]?[0-9]+)\s*$")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    "`'1344x896'` -> `(1344, 896)`; a `ValueError` that names the rule for anything else."
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"size {text!r} is not WIDTHxHEIGHT in whole pixels; write it like 1344x896")
+    w, h = int(m[1]), int(m[2])
+    if w < 1 or h < 1:
+        raise ValueError(f"size {text!r}: width and height must be at least 1 pixel; write it like 1344x896")
+    if w > MAX_SIDE or h > MAX_SIDE:
+        raise ValueError(f"size {text!r}: each side must be at most {MAX_SIDE:,} pixels")
+    return w, h
 
 # %% ../nbs/02_tiling.ipynb #994a9eef
 def cut_tiles(image: Image.Image, plan: TilePlan) -> list[Image.Image]:
