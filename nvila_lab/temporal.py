@@ -7,7 +7,6 @@ Docs: https://nvila-lab.github.io/nvila-lab/temporal.html.md"""
 # %% ../nbs/14_temporal.ipynb #364e9c6b
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,83 +20,11 @@ from torch import nn
 from .encoder import ImageEncoder, VisualTokens
 from .images import preprocess
 from .vision import tile_features
+from .temporal_compress import (TEMPORAL_COMPRESSORS, KeyFrames, TemporalAverage, TemporalCompressor,
+                                          build_temporal, register_temporal)
 
 # %% auto #0
-__all__ = ['TEMPORAL_COMPRESSORS', 'VIDEO_EXTENSIONS', 'register_temporal', 'TemporalCompressor', 'build_temporal',
-           'TemporalAverage', 'KeyFrames', 'Video', 'is_video', 'as_video', 'encode_videos']
-
-# %% ../nbs/14_temporal.ipynb #74917fe2
-TEMPORAL_COMPRESSORS: dict[str, type] = {}
-
-
-def register_temporal(cls: type) -> type:
-    "Class decorator: make a `TemporalCompressor` subclass available to `build_temporal` under `cls.name`."
-    if not (isinstance(cls, type) and issubclass(cls, TemporalCompressor)):
-        raise TypeError(f"register_temporal expects a TemporalCompressor subclass, got {cls!r}")
-    TEMPORAL_COMPRESSORS[cls.name] = cls
-    return cls
-
-
-class TemporalCompressor(nn.Module):
-    "Base class: tokens of T frames [T, L, D] -> [out_frames(T), L, D]. Parameter-free ones need no checkpoint."
-    name: ClassVar[str] = "base"
-
-    def __init__(self, pool: int = 1):
-        super().__init__()
-        if not isinstance(pool, int) or isinstance(pool, bool) or pool < 1:
-            raise ValueError(f"pool must be a positive integer (frames per output frame), got {pool!r}")
-        self.pool = pool
-
-    def out_frames(self, frames: int) -> int:
-        "Frames left after compressing `frames` frames: ceil(frames / pool)."
-        return math.ceil(frames / self.pool)
-
-    def _check(self, x: torch.Tensor) -> None:
-        if x.ndim != 3 or x.shape[0] < 1:
-            raise ValueError(f"{type(self).__name__} expects frame tokens [T, L, D] with T >= 1, got {tuple(x.shape)}")
-
-    def extra_repr(self) -> str:
-        return f"name={self.name!r}, pool={self.pool}"
-
-
-def build_temporal(name: str = "avg", pool: int = 1, **kwargs) -> TemporalCompressor:
-    "The registered temporal compressor `name` with `pool` frames per output frame."
-    if name not in TEMPORAL_COMPRESSORS:
-        hint = difflib.get_close_matches(str(name), TEMPORAL_COMPRESSORS, n=1)
-        raise ValueError(f"unknown temporal compressor {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
-                         + f". Registered: {', '.join(TEMPORAL_COMPRESSORS)}")
-    return TEMPORAL_COMPRESSORS[name](pool, **kwargs)
-
-# %% ../nbs/14_temporal.ipynb #c1c17133
-@register_temporal
-class TemporalAverage(TemporalCompressor):
-    "NVILA's temporal pooling: mean over groups of `pool` consecutive frames; a last, shorter group is averaged alone."
-    name = "avg"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
-        T = x.shape[0]
-        full = T // self.pool * self.pool
-        out = x[:full].reshape(T // self.pool, self.pool, *x.shape[1:]).mean(1)  # [T//p, L, D]
-        if full < T:
-            out = torch.cat([out, x[full:].mean(0, keepdim=True)])  # the tail group [1, L, D]
-        return out
-
-# %% ../nbs/14_temporal.ipynb #85cf1866
-@register_temporal
-class KeyFrames(TemporalCompressor):
-    "Keep ceil(T/pool) frames: frame 0 plus those whose tokens change most from the previous frame, in time order."
-    name = "keyframes"
-
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
-        "Change of each frame from the one before, [T] (frame 0 scores +inf so it is always kept)."
-        change = (x[1:] - x[:-1]).float().pow(2).mean(dim=(1, 2))  # [T-1]
-        return torch.cat([change.new_full((1,), float("inf")), change])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
-        keep = self.scores(x).topk(self.out_frames(x.shape[0])).indices.sort().values  # [T'] in time order
-        return x[keep]
+__all__ = ['VIDEO_EXTENSIONS', 'Video', 'is_video', 'as_video', 'encode_videos']
 
 # %% ../nbs/14_temporal.ipynb #3605cfd9
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")

@@ -18,7 +18,7 @@ from .config import ConfigError, NVILAConfig
 
 # %% auto #0
 __all__ = ['MAX_SIDE', 'candidate_grids', 'closest_grid', 'ScaleGrid', 'TilePlan', 'plan_dynamic_s2', 'plan_dynamic', 'plan_s2',
-           'plan_resize', 'plan_image', 'parse_size', 'cut_tiles', 'draw_plan']
+           'plan_resize', 'plan_image', 'plan_prompt', 'parse_size', 'cut_tiles', 'draw_plan']
 
 # %% ../nbs/02_tiling.ipynb #bb1cd84a
 def candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
@@ -187,6 +187,16 @@ def plan_image(size: tuple[int, int], cfg: NVILAConfig, warn: bool = True) -> Ti
             warnings.warn(f"image {w}x{h} (aspect {w / h:.3g}) is far from every grid up to {cfg.max_tiles} tiles; "
                           f"the {cols}x{rows} grid stretches it {stretch:.1f}x. Pad or crop it first for better results")
     return plan
+
+# %% ../nbs/02_tiling.ipynb #4fe1ce53
+def plan_prompt(sizes: list[tuple[int, int]], cfg: NVILAConfig, tile_all: bool = False,
+                warn: bool = True) -> list[TilePlan]:
+    """The plans of the images of one prompt, VILA's rule: a single image gets `cfg.tiling`; with several, each image
+    is one tile (`plan_resize`) unless `tile_all` asks for the config's tiling on every image."""
+    sizes = [tuple(s) for s in sizes]
+    if len(sizes) <= 1 or tile_all or cfg.tiling == "resize":
+        return [plan_image(s, cfg, warn=warn) for s in sizes]
+    return [plan_resize(*_check_size(*s), cfg.image_size) for s in sizes]
 
 # %% ../nbs/02_tiling.ipynb #aa5dea11
 MAX_SIDE = 1_000_000_000  # the largest side accepted: far past any real image, small enough for float aspect ratios
