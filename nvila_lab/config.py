@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 # %% auto #0
 __all__ = ['TILING_MODES', 'PRESETS', 'SYSTEM_PROMPT', 'IMAGE_TOKEN', 'VIDEO_TOKEN', 'MEDIA_TOKENS', 'IGNORE_INDEX',
-           'did_you_mean', 'ConfigError', 'NVILAConfig', 'list_presets', 'get_config', 'vision_params', 'llm_params']
+           'did_you_mean', 'MissingExtra', 'require', 'ConfigError', 'NVILAConfig', 'list_presets', 'get_config',
+           'vision_params', 'llm_params']
 
 # %% ../nbs/00_config.ipynb #fc60aae1
 def did_you_mean(kind: str, name, choices, extra: str = "") -> str:
@@ -23,6 +24,21 @@ def did_you_mean(kind: str, name, choices, extra: str = "") -> str:
     hint = difflib.get_close_matches(str(name), choices, n=1)
     return (f"unknown {kind} {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else ".")
             + f" Choices: {', '.join(choices) or '(none registered)'}." + (f" {extra}" if extra else ""))
+
+# %% ../nbs/00_config.ipynb #056a3cb4
+class MissingExtra(ImportError):
+    "An optional package is missing; the message names what needed it and the install command."
+
+
+def require(module: str, extra: str, what: str, package: str | None = None):
+    """Import and return `module`, or raise `MissingExtra`: `<what> needs <package>: pip install 'nvila-lab[<extra>]'`.
+    `package` is the name on PyPI when it differs from the module's (e.g. module `av`, package PyAV)."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingExtra(f"{what} needs {package or module}, which is not installed: "
+                           f"pip install 'nvila-lab[{extra}]'") from e
 
 # %% ../nbs/00_config.ipynb #2ec3c693
 TILING_MODES = ("dynamic_s2", "dynamic", "s2", "resize")

@@ -16,7 +16,8 @@ from torch import nn
 from .config import ConfigError, did_you_mean
 
 # %% auto #0
-__all__ = ['TEMPORAL_COMPRESSORS', 'register_temporal', 'TemporalCompressor', 'build_temporal', 'TemporalAverage', 'KeyFrames']
+__all__ = ['TEMPORAL_COMPRESSORS', 'register_temporal', 'TemporalCompressor', 'build_temporal', 'TemporalAverage', 'KeyFrames',
+           'temporal_for']
 
 # %% ../nbs/04a_temporal_compress.ipynb #74917fe2
 TEMPORAL_COMPRESSORS: dict[str, type] = {}
@@ -88,3 +89,8 @@ class KeyFrames(TemporalCompressor):
         self._check(x)
         keep = self.scores(x).topk(self.out_frames(x.shape[0])).indices.sort().values  # [T'] in time order
         return x[keep]
+
+# %% ../nbs/04a_temporal_compress.ipynb #448f5386
+def temporal_for(cfg, pool: int | None = None) -> TemporalCompressor:
+    "The temporal compressor `cfg` names, with `pool` frames a group (default `cfg.temporal_pool`) and `cfg.temporal_kwargs`."
+    return build_temporal(cfg.temporal_compressor, cfg.temporal_pool if pool is None else pool, **cfg.temporal_kwargs)
