@@ -7,19 +7,18 @@ Docs: https://nvila-lab.github.io/nvila-lab/compress.html.md"""
 # %% ../nbs/04_compress.ipynb #0a1f3b7a
 from __future__ import annotations
 
-import difflib
 import math
 from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .config import ConfigError, did_you_mean
 
 # %% auto #0
-__all__ = ['COMPRESSORS', 'space_to_channel', 'SpaceToChannel', 'TokenCompressor', 'register_compressor', 'compressor_class',
-           'build_compressor', 'available_compressors', 'STC2x2', 'STC3x3', 'AvgPoolCompressor',
-           'TokenLearnerCompressor']
+__all__ = ['COMPRESSORS', 'space_to_channel', 'SpaceToChannel', 'TokenCompressor', 'count_flops', 'register_compressor',
+           'compressor_class', 'build_compressor', 'available_compressors', 'STC2x2', 'STC3x3', 'AvgPoolCompressor',
+           'TokenLearnerCompressor', 'PerceiverResampler', 'image_pool_grid', 'ImagePoolCompressor']
 
 # %% ../nbs/04_compress.ipynb #3c141292
 def space_to_channel(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -47,8 +46,11 @@ class SpaceToChannel(nn.Module):
 
 # %% ../nbs/04_compress.ipynb #7b13a66c
 class TokenCompressor(nn.Module):
-    "Base class: tile features [N, h, w, C=in_dim] -> tokens [N, L, D=out_dim]. Subclass, then `@register_compressor`."
+    """Base class of visual-token compressors; subclass, then `@register_compressor`.
+    Per tile (`per_tile = True`): forward(tiles [N, h, w, C=in_dim]) -> [N, L, D=out_dim].
+    Whole image (`per_tile = False`): forward(x [1, rows*h, cols*w, C], grid=(cols, rows)) -> [1, L, D]."""
     name: ClassVar[str] = "base"
+    per_tile: ClassVar[bool] = True
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
@@ -59,23 +61,62 @@ class TokenCompressor(nn.Module):
         raise NotImplementedError
 
     def num_tokens(self, h: int, w: int) -> int:
-        "Tokens a tile of h x w patches becomes."
+        "Tokens a tile of h x w patches becomes (whole-image kind: a one-tile segment)."
+        if not self.per_tile:
+            return self.segment_tokens(h, w, (1, 1))
         g = self.output_grid(h, w)
         if g is None:
             raise NotImplementedError(f"{type(self).__name__} must define num_tokens when output_grid is None")
         return g[0] * g[1]
 
-    def flops_per_tile(self, h: int, w: int) -> int:
-        "Multiply-add FLOPs (2 per MAC) of the projector's Linear layers for one tile; override to add more."
-        return sum(2 * self._tokens_into(m, h, w) * m.in_features * m.out_features
-                   for m in self.modules() if isinstance(m, nn.Linear))
+    def segment_tokens(self, h: int, w: int, grid: tuple[int, int]) -> int:
+        "Tokens of one segment of tiles h x w patches each on a (cols, rows) grid. Whole-image kinds override this."
+        if not self.per_tile:
+            raise NotImplementedError(f"{type(self).__name__} (whole image) must define segment_tokens(h, w, grid)")
+        return grid[0] * grid[1] * self.num_tokens(h, w)
 
-    def _tokens_into(self, linear: nn.Linear, h: int, w: int) -> int:
-        "How many vectors go through `linear` for one tile (default: the output tokens)."
-        return self.num_tokens(h, w)
+    def flops_per_tile(self, h: int, w: int) -> int:
+        "FLOPs (2 per multiply-add of matmuls and convolutions) of one tile, counted on the meta device."
+        return self.segment_flops(h, w, (1, 1)) if not self.per_tile else count_flops(self, h, w)
+
+    def segment_flops(self, h: int, w: int, grid: tuple[int, int]) -> int:
+        "FLOPs of one segment: tiles x `flops_per_tile` (per tile), or the counter on the stitched map (whole image)."
+        if self.per_tile:
+            return grid[0] * grid[1] * self.flops_per_tile(h, w)
+        return count_flops(self, h, w, grid)
 
     def extra_repr(self):
         return f"name={self.name!r}, in_dim={self.in_dim}, out_dim={self.out_dim}"
+
+
+_FLOPS_CACHE: dict = {}
+
+
+def _settings_key(comp: nn.Module) -> tuple:
+    "What decides a module's arithmetic: its structure (repr) and its plain settings (ints, floats, strings, ...)."
+    plain = (int, float, str, bool, tuple, type(None))
+    return (type(comp), repr(comp), tuple(sorted((k, v) for k, v in vars(comp).items()
+                                                 if not k.startswith("_") and isinstance(v, plain))))
+
+
+def count_flops(comp: TokenCompressor, h: int, w: int, grid: tuple[int, int] | None = None) -> int:
+    """FLOPs of one forward pass of `comp`, counted by `FlopCounterMode` on the meta device (nothing allocated):
+    per tile on [1, h, w, C]; whole image on the stitched [1, rows*h, cols*w, C] of a (cols, rows) `grid`."""
+    from torch.utils.flop_counter import FlopCounterMode
+    key = (_settings_key(comp), h, w, grid)
+    if key not in _FLOPS_CACHE:
+        meta = {n: torch.empty_like(t, device="meta") for n, t in [*comp.named_parameters(), *comp.named_buffers()]}
+        cols, rows = grid or (1, 1)
+        x = torch.empty(1, rows * h, cols * w, comp.in_dim, device="meta")  # [1, rows*h, cols*w, C]
+        args = (x,) if grid is None else (x, grid)
+        try:
+            with FlopCounterMode(display=False) as fc, torch.no_grad():
+                torch.func.functional_call(comp, meta, args)
+        except Exception as e:
+            raise RuntimeError(f"{type(comp).__name__}'s forward does not run on the meta device, so its FLOPs cannot be "
+                               f"counted ({type(e).__name__}: {e}); override flops_per_tile (or segment_flops)") from e
+        _FLOPS_CACHE[key] = int(fc.get_total_flops())
+    return _FLOPS_CACHE[key]
 
 
 COMPRESSORS: dict[str, type[TokenCompressor]] = {}
@@ -99,16 +140,20 @@ def compressor_class(name: str) -> type[TokenCompressor]:
     "The registered class for `name` (or an alias such as 'mlp_downsample'); a clear error lists the choices."
     key = _ALIASES.get(name, name)
     if key not in COMPRESSORS:
-        choices = list(COMPRESSORS) + list(_ALIASES)
-        hint = difflib.get_close_matches(str(name), choices, n=1)
-        raise ConfigError(f"no compressor {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else ".")
-                       + f" Registered: {', '.join(COMPRESSORS)} (aliases: {', '.join(_ALIASES)}).")
+        raise ConfigError(did_you_mean("compressor", name, list(COMPRESSORS) + list(_ALIASES),
+                                       "Register your own with @register_compressor (notebook 04)."))
     return COMPRESSORS[key]
 
 
 def build_compressor(name: str, in_dim: int, out_dim: int, **kwargs) -> TokenCompressor:
-    "An instance of the compressor registered as `name`."
-    return compressor_class(name)(in_dim, out_dim, **kwargs)
+    "An instance of the compressor registered as `name`, with its settings `kwargs` (a config's `projector_kwargs`)."
+    cls = compressor_class(name)
+    try:
+        return cls(in_dim, out_dim, **kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise ConfigError(f"compressor {name!r} does not accept the settings {kwargs}: {e}") from None
 
 
 def available_compressors() -> list[str]:
@@ -151,22 +196,40 @@ class STC3x3(_STC):
                                     nn.LayerNorm(in_dim * 3), nn.Linear(in_dim * 3, out_dim), nn.GELU(),
                                     nn.Linear(out_dim, out_dim))
 
-# %% ../nbs/04_compress.ipynb #e14bd47d
+# %% ../nbs/04_compress.ipynb #d6648672
+def _mlp(in_dim: int, out_dim: int) -> nn.Sequential:
+    "LN(C) -> Linear(C, D) -> GELU -> Linear(D, D): the MLP that follows pooling in the alternatives."
+    return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+
+def _positive(name: str, **values) -> None:
+    for k, v in values.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}: {k} must be a positive integer, got {v!r}")
+
+
 @register_compressor("avgpool")
 class AvgPoolCompressor(TokenCompressor):
     "Average each k x k block of patches (zero-padded like STC), then LN(C) -> Linear(C, D) -> GELU -> Linear(D, D)."
     def __init__(self, in_dim: int, out_dim: int, k: int = 2):
         super().__init__(in_dim, out_dim)
+        _positive("avgpool", k=k)
         self.k = k
-        self.mlp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+        self.mlp = _mlp(in_dim, out_dim)
 
     def output_grid(self, h, w):
         return (math.ceil(h / self.k), math.ceil(w / self.k))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, h, w, C] -> [N, L, D]
+    def pool(self, x: torch.Tensor) -> torch.Tensor:  # [N, h, w, C] -> [N, h/k, w/k, C]
+        "Mean over each k x k block; the zero padding of an odd side counts as zeros, as in STC."
         n, h, w, c = x.shape
-        blocks = space_to_channel(x, self.k).reshape(n, math.ceil(h / self.k), math.ceil(w / self.k), self.k ** 2, c)
-        return self.mlp(blocks.mean(3)).flatten(1, 2)  # mean over the k*k block (padding counts as zeros, as in STC)
+        return space_to_channel(x, self.k).reshape(n, *self.output_grid(h, w), self.k ** 2, c).mean(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, h, w, C] -> [N, L, D]
+        return self.mlp(self.pool(x)).flatten(1, 2)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", k={self.k}"
 
 
 @register_compressor("tokenlearner")
@@ -174,23 +237,18 @@ class TokenLearnerCompressor(TokenCompressor):
     "TokenLearner: `n_tokens` learned sigmoid attention maps over the tile, one pooled token each, then the STC-style MLP."
     def __init__(self, in_dim: int, out_dim: int, n_tokens: int = 121, hidden: int | None = None):
         super().__init__(in_dim, out_dim)
-        self.n_tokens = n_tokens
         hidden = hidden or max(32, in_dim // 4)
+        _positive("tokenlearner", n_tokens=n_tokens, hidden=hidden)
+        self.n_tokens, self.hidden = n_tokens, hidden
         self.norm = nn.LayerNorm(in_dim)
         self.attn = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, n_tokens))
-        self.mlp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+        self.mlp = _mlp(in_dim, out_dim)
 
     def output_grid(self, h, w):
         return None
 
     def num_tokens(self, h, w):
         return self.n_tokens
-
-    def _tokens_into(self, linear, h, w):
-        return h * w if any(linear is m for m in self.attn) else self.n_tokens
-
-    def flops_per_tile(self, h, w):
-        return super().flops_per_tile(h, w) + 2 * self.n_tokens * h * w * self.in_dim  # + the weighted pooling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, h, w, C] -> [N, S, D]
         x = x.flatten(1, 2)  # [N, P, C], P = h*w
@@ -200,3 +258,97 @@ class TokenLearnerCompressor(TokenCompressor):
 
     def extra_repr(self):
         return super().extra_repr() + f", n_tokens={self.n_tokens}"
+
+
+class _CrossAttentionBlock(nn.Module):
+    "Latents [N, S, d] attend to [patches; latents] [N, P+S, d] (Flamingo's resampler layer), then a feed-forward block."
+    def __init__(self, dim: int, heads: int, ff_mult: int):
+        super().__init__()
+        self.heads = heads
+        self.norm_x, self.norm_q = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.kv, self.o = nn.Linear(dim, dim, bias=False), nn.Linear(dim, 2 * dim, bias=False), nn.Linear(dim, dim, bias=False)
+        self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, ff_mult * dim, bias=False), nn.GELU(),
+                                nn.Linear(ff_mult * dim, dim, bias=False))
+
+    def forward(self, x: torch.Tensor, lat: torch.Tensor) -> torch.Tensor:  # x [N, P, d], lat [N, S, d] -> [N, S, d]
+        n, s, d = lat.shape
+        hd = d // self.heads
+        q = self.norm_q(lat)
+        kv_in = torch.cat([self.norm_x(x), q], dim=1)  # [N, P+S, d]
+        split = lambda t: t.reshape(n, t.shape[1], self.heads, hd).transpose(1, 2)  # [N, H, ., hd]
+        qh = split(self.q(q))
+        kh, vh = (split(t) for t in self.kv(kv_in).chunk(2, dim=-1))
+        att = (qh @ kh.transpose(-1, -2) / hd ** 0.5).softmax(-1)  # [N, H, S, P+S]
+        lat = lat + self.o((att @ vh).transpose(1, 2).reshape(n, s, d))
+        return lat + self.ff(lat)
+
+
+@register_compressor("perceiver", "perceiver_resampler")
+class PerceiverResampler(TokenCompressor):
+    "Perceiver Resampler: `n_latents` learned queries cross-attend to a tile's patches `depth` times; [N, h, w, C] -> [N, S, D]."
+    def __init__(self, in_dim: int, out_dim: int, n_latents: int = 121, depth: int = 2, heads: int = 8,
+                 dim: int | None = None, ff_mult: int = 4):
+        super().__init__(in_dim, out_dim)
+        dim = dim or out_dim
+        _positive("perceiver", n_latents=n_latents, depth=depth, heads=heads, dim=dim, ff_mult=ff_mult)
+        if dim % heads:
+            raise ValueError(f"perceiver: dim {dim} does not divide into {heads} heads; pass heads= a divisor of {dim}")
+        self.n_latents, self.depth, self.heads, self.dim, self.ff_mult = n_latents, depth, heads, dim, ff_mult
+        self.proj_in = nn.Linear(in_dim, dim)
+        self.latents = nn.Parameter(torch.randn(n_latents, dim) * dim ** -0.5)
+        self.blocks = nn.ModuleList(_CrossAttentionBlock(dim, heads, ff_mult) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.proj_out = nn.Linear(dim, out_dim)
+
+    def output_grid(self, h, w):
+        return None
+
+    def num_tokens(self, h, w):
+        return self.n_latents
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, h, w, C] -> [N, S, D]
+        x = self.proj_in(x.flatten(1, 2))  # [N, P, d]
+        lat = self.latents.unsqueeze(0).repeat(x.shape[0], 1, 1)  # [N, S, d] (a copy: a view of a leaf breaks torch's module hooks)
+        for blk in self.blocks:
+            lat = blk(x, lat)
+        return self.proj_out(self.norm(lat))
+
+    def extra_repr(self):
+        return super().extra_repr() + f", n_latents={self.n_latents}, depth={self.depth}, heads={self.heads}, dim={self.dim}"
+
+# %% ../nbs/04_compress.ipynb #f2ca92ad
+def image_pool_grid(H: int, W: int, n_tokens: int) -> tuple[int, int]:
+    "(rows, cols) of at most `n_tokens` tokens for a map of H x W patches, following its aspect ratio."
+    gr = min(H, n_tokens, max(1, round(math.sqrt(n_tokens * H / W))))
+    return gr, min(W, max(1, n_tokens // gr))
+
+
+@register_compressor("imagepool")
+class ImagePoolCompressor(TokenCompressor):
+    "Whole image: adaptive-average-pool a segment's stitched map to <= `n_tokens` tokens, then LN -> Linear -> GELU -> Linear."
+    per_tile = False
+
+    def __init__(self, in_dim: int, out_dim: int, n_tokens: int = 256):
+        super().__init__(in_dim, out_dim)
+        _positive("imagepool", n_tokens=n_tokens)
+        self.n_tokens = n_tokens
+        self.mlp = _mlp(in_dim, out_dim)
+
+    def output_grid(self, h, w):
+        return None  # tokens are laid out over the whole segment, not a tile
+
+    def segment_tokens(self, h: int, w: int, grid: tuple[int, int]) -> int:
+        gr, gc = image_pool_grid(grid[1] * h, grid[0] * w, self.n_tokens)
+        return gr * gc
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        "Stitched segment [1, rows*h, cols*w, C] of a (cols, rows) grid -> [1, L, D], row-major over the segment."
+        if grid is None:
+            raise TypeError("imagepool looks across tiles: call it as compressor(stitched [1, rows*h, cols*w, C], "
+                            "grid=(cols, rows)), not on a batch of tiles (see per_tile)")
+        n, H, W, c = x.shape
+        pooled = nn.functional.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), image_pool_grid(H, W, self.n_tokens))
+        return self.mlp(pooled.permute(0, 2, 3, 1).flatten(1, 2))  # [1, gr*gc, D]
+
+    def extra_repr(self):
+        return super().extra_repr() + f", n_tokens={self.n_tokens}, per_tile=False"

@@ -16,11 +16,12 @@ from torch import nn
 from .config import ConfigError, did_you_mean
 
 # %% auto #0
-__all__ = ['TEMPORAL_COMPRESSORS', 'register_temporal', 'TemporalCompressor', 'build_temporal', 'TemporalAverage', 'KeyFrames',
-           'temporal_for']
+__all__ = ['TEMPORAL_COMPRESSORS', 'TAILS', 'register_temporal', 'grouped_frames', 'TemporalCompressor', 'build_temporal',
+           'TemporalAverage', 'KeyFrames', 'MixPool', 'temporal_for']
 
 # %% ../nbs/04a_temporal_compress.ipynb #74917fe2
 TEMPORAL_COMPRESSORS: dict[str, type] = {}
+TAILS = ("raise", "average")  # VILA's rule (frames must be a multiple of the pool), the kit's extension
 
 
 def register_temporal(cls: type) -> type:
@@ -31,30 +32,57 @@ def register_temporal(cls: type) -> type:
     return cls
 
 
-class TemporalCompressor(nn.Module):
-    "Base class: tokens of T frames [T, L, D] -> [out_frames(T), L, D]. Parameter-free ones need no checkpoint."
-    name: ClassVar[str] = "base"
+def grouped_frames(frames: int, pool: int, tail: str = "raise") -> int:
+    """Groups of `pool` consecutive frames in `frames` frames. VILA's rule (`tail='raise'`): `frames` must be a
+    multiple of `pool`; with `tail='average'` a last, shorter group counts as one more (the kit's extension)."""
+    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
+        raise ValueError(f"frames must be a positive integer, got {frames!r}")
+    if frames % pool == 0:
+        return frames // pool
+    if tail == "average":
+        return math.ceil(frames / pool)
+    lo, hi = frames // pool * pool, (frames // pool + 1) * pool
+    sample = f"{lo} or {hi}" if lo else f"{hi}"
+    raise ValueError(f"{frames} frames do not divide into groups of {pool} (VILA requires a multiple); sample {sample} "
+                     f"frames, or pass tail='average' to average a last, shorter group (the kit's extension)")
 
-    def __init__(self, pool: int = 1):
+
+class TemporalCompressor(nn.Module):
+    """Base class: tokens of T frames [T, L, D] -> [out_frames(T), tokens_per_frame(L), D].
+    `tail`: 'raise' (VILA: T must be a multiple of `pool`) or 'average' (a last, shorter group is kept, as one group)."""
+    name: ClassVar[str] = "base"
+    wants_dim: ClassVar[bool] = False  # True: `temporal_for` passes dim=cfg.llm_hidden (learned, per-channel schemes)
+
+    def __init__(self, pool: int = 1, tail: str = "raise"):
         super().__init__()
         if not isinstance(pool, int) or isinstance(pool, bool) or pool < 1:
             raise ValueError(f"pool must be a positive integer (frames per output frame), got {pool!r}")
-        self.pool = pool
+        if tail not in TAILS:
+            raise ValueError(did_you_mean("tail rule", tail, TAILS))
+        self.pool, self.tail = pool, tail
 
     def out_frames(self, frames: int) -> int:
-        "Frames left after compressing `frames` frames: ceil(frames / pool)."
-        return math.ceil(frames / self.pool)
+        "Frames left after compressing `frames` frames: frames / pool (see `grouped_frames` for the tail rule)."
+        return grouped_frames(frames, self.pool, self.tail)
+
+    def tokens_per_frame(self, tokens: int) -> int:
+        "Tokens in each output frame when each input frame has `tokens` tokens (default: unchanged)."
+        return tokens
+
+    def groups(self, frames: int) -> list[tuple[int, int]]:
+        "(start, end) of each group of consecutive frames; raises like `out_frames` when the frames do not divide."
+        return [(g * self.pool, min(frames, (g + 1) * self.pool)) for g in range(self.out_frames(frames))]
 
     def _check(self, x: torch.Tensor) -> None:
         if x.ndim != 3 or x.shape[0] < 1:
             raise ValueError(f"{type(self).__name__} expects frame tokens [T, L, D] with T >= 1, got {tuple(x.shape)}")
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, pool={self.pool}"
+        return f"name={self.name!r}, pool={self.pool}, tail={self.tail!r}"
 
 
 def build_temporal(name: str = "avg", pool: int = 1, **kwargs) -> TemporalCompressor:
-    "The registered temporal compressor `name` with `pool` frames per output frame."
+    "The registered temporal compressor `name` with `pool` frames per output frame and its settings `kwargs`."
     if name not in TEMPORAL_COMPRESSORS:
         raise ConfigError(did_you_mean("temporal compressor", name, TEMPORAL_COMPRESSORS))
     return TEMPORAL_COMPRESSORS[name](pool, **kwargs)
@@ -62,17 +90,12 @@ def build_temporal(name: str = "avg", pool: int = 1, **kwargs) -> TemporalCompre
 # %% ../nbs/04a_temporal_compress.ipynb #c1c17133
 @register_temporal
 class TemporalAverage(TemporalCompressor):
-    "NVILA's temporal pooling: mean over groups of `pool` consecutive frames; a last, shorter group is averaged alone."
+    "NVILA's temporal pooling: mean over groups of `pool` consecutive frames (a last, shorter group only with tail='average')."
     name = "avg"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, L, D] -> [T', L, D]
         self._check(x)
-        T = x.shape[0]
-        full = T // self.pool * self.pool
-        out = x[:full].reshape(T // self.pool, self.pool, *x.shape[1:]).mean(1)  # [T//p, L, D]
-        if full < T:
-            out = torch.cat([out, x[full:].mean(0, keepdim=True)])  # the tail group [1, L, D]
-        return out
+        return torch.stack([x[a:b].mean(0) for a, b in self.groups(x.shape[0])])
 
 # %% ../nbs/04a_temporal_compress.ipynb #85cf1866
 @register_temporal
@@ -90,7 +113,39 @@ class KeyFrames(TemporalCompressor):
         keep = self.scores(x).topk(self.out_frames(x.shape[0])).indices.sort().values  # [T'] in time order
         return x[keep]
 
+# %% ../nbs/04a_temporal_compress.ipynb #ca2ed800
+@register_temporal
+class MixPool(TemporalCompressor):
+    "Learned softmax weights over the `pool` frames of each group, per channel ([pool, dim]) or shared (dim=None); starts as the average."
+    name = "mixpool"
+    wants_dim = True
+
+    def __init__(self, pool: int = 1, tail: str = "raise", dim: int | None = None):
+        super().__init__(pool, tail)
+        if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool) or dim < 1):
+            raise ValueError(f"mixpool: dim must be a positive integer (the token width) or None, got {dim!r}")
+        self.dim = dim
+        self.logits = nn.Parameter(torch.zeros(pool, dim or 1))  # [p, D or 1]; zeros = the uniform average
+
+    def weights(self, n: int) -> torch.Tensor:
+        "Softmax weights of a group of `n` <= pool frames, [n, D or 1] (each column sums to 1)."
+        return self.logits[:n].softmax(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, L, D] -> [T', L, D]
+        self._check(x)
+        if self.dim is not None and x.shape[-1] != self.dim:
+            raise ValueError(f"mixpool was built for tokens of width {self.dim}, got {x.shape[-1]}")
+        return torch.stack([(x[a:b] * self.weights(b - a)[:, None, :]).sum(0) for a, b in self.groups(x.shape[0])])
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", dim={self.dim}"
+
 # %% ../nbs/04a_temporal_compress.ipynb #448f5386
 def temporal_for(cfg, pool: int | None = None) -> TemporalCompressor:
-    "The temporal compressor `cfg` names, with `pool` frames a group (default `cfg.temporal_pool`) and `cfg.temporal_kwargs`."
-    return build_temporal(cfg.temporal_compressor, cfg.temporal_pool if pool is None else pool, **cfg.temporal_kwargs)
+    """The temporal compressor `cfg` names, with `pool` frames a group (default `cfg.temporal_pool`) and
+    `cfg.temporal_kwargs`; classes with `wants_dim` get `dim=cfg.llm_hidden` unless the kwargs set it."""
+    kwargs = dict(cfg.temporal_kwargs)
+    cls = TEMPORAL_COMPRESSORS.get(cfg.temporal_compressor)
+    if cls is not None and cls.wants_dim:
+        kwargs.setdefault("dim", cfg.llm_hidden)
+    return build_temporal(cfg.temporal_compressor, cfg.temporal_pool if pool is None else pool, **kwargs)
