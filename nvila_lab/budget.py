@@ -8,15 +8,18 @@ Docs: https://nvila-lab.github.io/nvila-lab/budget.html.md"""
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from typing import Callable
 
-from .config import NVILAConfig, get_config
-from .tiling import TilePlan, plan_image, plan_resize
+from .config import ConfigError, NVILAConfig, did_you_mean, get_config
+from .tiling import TilePlan, parse_size, plan_image, plan_resize
 
 # %% auto #0
-__all__ = ['vit_flops_per_pass', 'llm_prefill_flops', 'TokenBudget', 'image_budget', 'video_budget', 'anyres_tokens',
-           'qwen2vl_tokens']
+__all__ = ['BUILTIN_ARITHMETIC', 'BUILTIN_ALIASES', 'TEMPORAL_SETTINGS', 'vit_flops_per_pass', 'llm_prefill_flops',
+           'image_pool_grid', 'segment_cost', 'grouped_frames', 'temporal_cost', 'TokenBudget', 'image_budget',
+           'video_budget', 'anyres_tokens', 'qwen2vl_tokens']
 
 # %% ../nbs/06_budget.ipynb #919e6c04
 def vit_flops_per_pass(cfg: NVILAConfig) -> int:
@@ -34,20 +37,141 @@ def llm_prefill_flops(cfg: NVILAConfig, positions: int) -> int:
     layer = 2 * P * D * D * 2 + 2 * P * D * kv * 2 + 2 * P * D * F * 3 + 2 * 2 * P * P * D
     return cfg.llm_layers * layer + 2 * D * cfg.vocab_size
 
-# %% ../nbs/06_budget.ipynb #d47205bd
+# %% ../nbs/06_budget.ipynb #a20f4ce4
+def _positive(name: str, **values) -> None:
+    for k, v in values.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}: {k} must be a positive integer, got {v!r}")
+
+
+def _per_tile(tokens: int, flops: int, grid: tuple[int, int]) -> tuple[int, int]:
+    n = grid[0] * grid[1]
+    return n * tokens, n * flops
+
+
+def _stc2x2(c, d, h, w, grid):
+    L = math.ceil(h / 2) * math.ceil(w / 2)
+    return _per_tile(L, 2 * L * (4 * c * d + d * d), grid)
+
+
+def _stc3x3(c, d, h, w, grid):
+    L = math.ceil(h / 3) * math.ceil(w / 3)
+    return _per_tile(L, 2 * L * (9 * c * 3 * c + 3 * c * d + d * d), grid)
+
+
+def _avgpool(c, d, h, w, grid, k=2):
+    _positive("avgpool", k=k)
+    L = math.ceil(h / k) * math.ceil(w / k)
+    return _per_tile(L, 2 * L * (c * d + d * d), grid)
+
+
+def _tokenlearner(c, d, h, w, grid, n_tokens=121, hidden=None):
+    hidden = hidden or max(32, c // 4)
+    _positive("tokenlearner", n_tokens=n_tokens, hidden=hidden)
+    P, S = h * w, n_tokens
+    return _per_tile(S, 2 * P * (c * hidden + hidden * S) + 2 * S * P * c + 2 * S * (c * d + d * d), grid)
+
+
+def _perceiver(c, d, h, w, grid, n_latents=121, depth=2, heads=8, dim=None, ff_mult=4):
+    e = dim or d
+    _positive("perceiver", n_latents=n_latents, depth=depth, heads=heads, dim=e, ff_mult=ff_mult)
+    if e % heads:
+        raise ValueError(f"perceiver: dim {e} does not divide into {heads} heads; pass heads= a divisor of {e}")
+    P, S = h * w, n_latents
+    layer = 4 * S * e * e + 4 * (P + S) * e * e + 4 * S * (P + S) * e + 4 * S * ff_mult * e * e
+    return _per_tile(S, 2 * P * c * e + depth * layer + 2 * S * e * d, grid)
+
+
+def image_pool_grid(H: int, W: int, n_tokens: int) -> tuple[int, int]:
+    "(rows, cols) of at most `n_tokens` tokens for a map of H x W patches (the rule of `compress.image_pool_grid`)."
+    gr = min(H, n_tokens, max(1, round(math.sqrt(n_tokens * H / W))))
+    return gr, min(W, max(1, n_tokens // gr))
+
+
+def _imagepool(c, d, h, w, grid, n_tokens=256):
+    _positive("imagepool", n_tokens=n_tokens)
+    gr, gc = image_pool_grid(grid[1] * h, grid[0] * w, n_tokens)  # one pool over the stitched segment
+    return gr * gc, 2 * gr * gc * (c * d + d * d)
+
+
+# name -> f(in_dim, out_dim, h, w, grid, **settings) -> (tokens, FLOPs) of one segment of `grid` tiles of h x w patches
+BUILTIN_ARITHMETIC: dict[str, Callable[..., tuple[int, int]]] = {
+    "stc2x2": _stc2x2, "stc3x3": _stc3x3, "avgpool": _avgpool, "tokenlearner": _tokenlearner,
+    "perceiver": _perceiver, "imagepool": _imagepool}
+BUILTIN_ALIASES = {"mlp_downsample": "stc2x2", "mlp_downsample_2x2_fix": "stc2x2",
+                   "mlp_downsample_3x3_fix": "stc3x3", "perceiver_resampler": "perceiver"}
+
+
+def _builtin(name: str, module: str, registry: str, table: dict):
+    "`table[name]` unless `module` is loaded and a plug-in registered something else under that name."
+    if name not in table:
+        return None
+    mod = sys.modules.get(module)
+    if mod is not None and getattr(getattr(mod, registry).get(name), "__module__", module) != module:
+        return None
+    return table[name]
+
+
 @lru_cache(maxsize=64)
 def _meta_compressor(name: str, in_dim: int, out_dim: int, kwargs: tuple = ()):
-    "The registered compressor built on the meta device: its token and FLOP arithmetic at no memory cost."
+    "A compressor the table does not know, built on the meta device: its own arithmetic at no memory cost (imports torch)."
     import torch
     from nvila_lab.compress import build_compressor
     with torch.device("meta"):
         return build_compressor(name, in_dim, out_dim, **dict(kwargs))
 
 
-def _compressor(cfg: NVILAConfig, projector_kwargs: dict | None):
-    return _meta_compressor(cfg.projector, cfg.mm_hidden, cfg.llm_hidden, tuple(sorted((projector_kwargs or {}).items())))
+def segment_cost(cfg: NVILAConfig, grid: tuple[int, int], h: int | None = None, w: int | None = None) -> tuple[int, int]:
+    """(tokens, projector FLOPs) of one segment of `grid` = (cols, rows) tiles under `cfg`'s compressor and its
+    `projector_kwargs`; tiles of h x w patches (default the config's). Pure Python for the built-in compressors."""
+    h = cfg.patches_per_side if h is None else h
+    w = h if w is None else w
+    name = BUILTIN_ALIASES.get(cfg.projector, cfg.projector)
+    fn = _builtin(name, "nvila_lab.compress", "COMPRESSORS", BUILTIN_ARITHMETIC)
+    kwargs = dict(cfg.projector_kwargs)
+    if fn is not None:
+        try:
+            return fn(cfg.mm_hidden, cfg.llm_hidden, h, w, tuple(grid), **kwargs)
+        except TypeError as e:
+            if "unexpected keyword argument" not in str(e):
+                raise
+            raise ConfigError(f"compressor {cfg.projector!r} does not accept the settings {kwargs}: {e}") from None
+    comp = _meta_compressor(cfg.projector, cfg.mm_hidden, cfg.llm_hidden, tuple(sorted(kwargs.items())))
+    return comp.segment_tokens(h, w, tuple(grid)), comp.segment_flops(h, w, tuple(grid))
 
 
+TEMPORAL_SETTINGS = {"avg": {"tail"}, "keyframes": {"tail"}, "mixpool": {"tail", "dim"}}  # built-ins: tokens_per_frame(L) = L
+
+
+def grouped_frames(frames: int, pool: int, tail: str = "raise") -> int:
+    "Groups of `pool` frames in `frames` (VILA: a multiple, unless tail='average'); the rule of `temporal_compress.grouped_frames`."
+    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
+        raise ValueError(f"frames must be a positive integer, got {frames!r}")
+    if frames % pool == 0:
+        return frames // pool
+    if tail == "average":
+        return math.ceil(frames / pool)
+    lo, hi = frames // pool * pool, (frames // pool + 1) * pool
+    sample = f"{lo} or {hi}" if lo else f"{hi}"
+    raise ValueError(f"{frames} frames do not divide into groups of {pool} (VILA requires a multiple); sample {sample} "
+                     f"frames, or pass tail='average' to average a last, shorter group (the kit's extension)")
+
+
+def temporal_cost(cfg: NVILAConfig, pool: int, frames: int, tokens: int) -> tuple[int, int]:
+    """(output frames, tokens per output frame) of `frames` frames of `tokens` tokens under `cfg`'s temporal
+    compressor (`temporal_for(cfg, pool)`'s own counts). Pure Python for the built-ins."""
+    name, kwargs = cfg.temporal_compressor, dict(cfg.temporal_kwargs)
+    known = _builtin(name, "nvila_lab.temporal_compress", "TEMPORAL_COMPRESSORS", TEMPORAL_SETTINGS)
+    if known is not None and set(kwargs) <= known:
+        tail = kwargs.get("tail", "raise")
+        if tail not in ("raise", "average"):
+            raise ValueError(did_you_mean("tail rule", tail, ("raise", "average")))
+        return grouped_frames(frames, pool, tail), tokens
+    from nvila_lab.temporal_compress import temporal_for  # a plug-in (or unknown settings: its own error)
+    t = temporal_for(cfg, pool)
+    return t.out_frames(frames), t.tokens_per_frame(tokens)
+
+# %% ../nbs/06_budget.ipynb #d47205bd
 @dataclass(frozen=True)
 class TokenBudget:
     "What one image or video costs under a preset. `visual_tokens` excludes separators; `llm_positions` includes them."
@@ -85,45 +209,39 @@ class TokenBudget:
                 f"LLM prefill {self.llm_prefill_flops / 1e12:.3g}")
 
 
-def image_budget(size: tuple[int, int], cfg: NVILAConfig | str = "nvila-8b", text_tokens: int = 0,
-                 plan: TilePlan | None = None, projector_kwargs: dict | None = None) -> TokenBudget:
-    "The `TokenBudget` of one image of `size` = (W, H) under `cfg`, read from its `TilePlan` and compressor."
+def image_budget(size: tuple[int, int] | str, cfg: NVILAConfig | str = "nvila-8b", text_tokens: int = 0,
+                 plan: TilePlan | None = None) -> TokenBudget:
+    """The `TokenBudget` of one image of `size` = (W, H) (or "WxH") under `cfg`, read from its `TilePlan` and its
+    compressor with `cfg.projector_kwargs` (another setting: `cfg.replace(projector_kwargs=...)`)."""
     cfg = get_config(cfg) if isinstance(cfg, str) else cfg
-    if isinstance(size, str):  # "1344x896"
-        w, _, h = size.lower().partition("x")
-        if not (w.isdigit() and h.isdigit()):
-            raise ValueError(f"size {size!r} is not WIDTHxHEIGHT in whole pixels, e.g. '1344x896'")
-        size = (int(w), int(h))
-    plan = plan or plan_image(tuple(size), cfg, warn=False)
-    comp = _compressor(cfg, projector_kwargs)
-    h = w = cfg.patches_per_side
-    per_tile = comp.num_tokens(h, w)
-    tiles = plan.token_tiles
-    visual = tiles * per_tile
+    size = parse_size(size) if isinstance(size, str) else tuple(size)
+    plan = plan or plan_image(size, cfg, warn=False)
+    costs = [segment_cost(cfg, g) for g in plan.segments]  # (tokens, FLOPs) of each segment
+    visual = sum(t for t, _ in costs)
     seps = len(plan.segments) * plan.separators_per_segment
     positions = visual + seps + text_tokens
-    return TokenBudget(cfg.name, f"{plan.image_size[0]}x{plan.image_size[1]}", plan.grid, tiles, plan.vit_passes,
-                       visual, seps, positions, text_tokens, plan.vit_passes * vit_flops_per_pass(cfg),
-                       tiles * comp.flops_per_tile(h, w), llm_prefill_flops(cfg, positions), plan)
+    return TokenBudget(cfg.name, f"{plan.image_size[0]}x{plan.image_size[1]}", plan.grid, plan.token_tiles,
+                       plan.vit_passes, visual, seps, positions, text_tokens, plan.vit_passes * vit_flops_per_pass(cfg),
+                       sum(f for _, f in costs), llm_prefill_flops(cfg, positions), plan)
 
 
 def video_budget(frames: int | None = None, cfg: NVILAConfig | str = "nvila-8b-video", temporal_pool: int | None = None,
-                 text_tokens: int = 0, projector_kwargs: dict | None = None) -> TokenBudget:
-    """The `TokenBudget` of a video: `frames` frames (default the preset's) at the tile size, no S2, tokens averaged
-    over groups of `temporal_pool` consecutive frames (default the preset's); a last, shorter group is averaged alone."""
+                 text_tokens: int = 0) -> TokenBudget:
+    """The `TokenBudget` of a video: `frames` frames (default the preset's) at the tile size, no S2, each one tile through
+    the compressor, then `cfg`'s temporal compressor over groups of `temporal_pool` frames (default the preset's):
+    its own output frames and tokens per frame, one separator per output frame."""
     cfg = get_config(cfg) if isinstance(cfg, str) else cfg
     frames = cfg.num_video_frames if frames is None else frames
     p = cfg.temporal_pool if temporal_pool is None else temporal_pool
     for name, v in (("frames", frames), ("temporal_pool", p)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    comp = _compressor(cfg, projector_kwargs)
-    h = w = cfg.patches_per_side
-    pooled = math.ceil(frames / p)
-    visual = pooled * comp.num_tokens(h, w)
-    positions = visual + pooled + text_tokens
-    return TokenBudget(cfg.name, f"video {frames} frames / {p}", None, frames, frames, visual, pooled, positions,
-                       text_tokens, frames * vit_flops_per_pass(cfg), frames * comp.flops_per_tile(h, w),
+    per_frame, frame_flops = segment_cost(cfg, (1, 1))
+    out, per_out = temporal_cost(cfg, p, frames, per_frame)
+    visual = out * per_out
+    positions = visual + out + text_tokens
+    return TokenBudget(cfg.name, f"video {frames} frames / {p}", None, frames, frames, visual, out, positions,
+                       text_tokens, frames * vit_flops_per_pass(cfg), frames * frame_flops,
                        llm_prefill_flops(cfg, positions), None)
 
 # %% ../nbs/06_budget.ipynb #f0b11978

@@ -6,18 +6,37 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from nvila_lab.budget import image_budget, video_budget
-from nvila_lab.config import get_config
+import subprocess
+import sys
+
+from nvila_lab.budget import BUILTIN_ARITHMETIC, image_budget, segment_cost, video_budget
+from nvila_lab.compress import available_compressors, build_compressor
+from nvila_lab.config import ConfigError, get_config
 from nvila_lab.encoder import ImageEncoder
+from nvila_lab.vision import build_vision_tower
 
 TILINGS = ("dynamic_s2", "dynamic", "s2", "resize")
-PROJECTORS = ("stc2x2", "stc3x3", "avgpool", "tokenlearner")
+# every per-tile built-in, with settings from the config (projector_kwargs)
+PROJECTORS = {"stc2x2": {}, "stc3x3": {}, "avgpool": {"k": 3}, "tokenlearner": {"n_tokens": 9},
+              "perceiver": {"n_latents": 6, "heads": 4, "depth": 1}}
+
+
+def _encoder(tiling, projector, kw, tower=None):
+    cfg = get_config("tiny", tiling=tiling, projector=projector, projector_kwargs=kw)
+    proj = build_compressor(projector, cfg.mm_hidden, cfg.llm_hidden, **kw)  # the config's settings, whatever the encoder does
+    return ImageEncoder(cfg, tower=tower, projector=proj).eval()
 
 
 @pytest.fixture(scope="module")
 def encoders():
     torch.manual_seed(0)
-    return {(t, p): ImageEncoder(get_config("tiny", tiling=t, projector=p)).eval() for t in TILINGS for p in PROJECTORS}
+    tower = build_vision_tower(get_config("tiny"))
+    return {(t, p): _encoder(t, p, kw, tower) for t in TILINGS for p, kw in PROJECTORS.items()}
+
+
+def test_every_per_tile_builtin_is_in_the_property_test():
+    per_tile = {n for n in available_compressors() if build_compressor(n, 8, 16, **PROJECTORS.get(n, {})).per_tile}
+    assert per_tile == set(PROJECTORS)
 
 
 @pytest.mark.parametrize("preset,size,grid,passes,tokens,positions", [
@@ -36,7 +55,10 @@ def test_worked_values_video():
     assert (b.visual_tokens, b.separators, b.grid) == (8192, 32, None)
     assert video_budget(8, "nvila-8b", 1).visual_tokens == 2048  # Table 2: 8 frames, 2048 tokens
     assert video_budget(32, "nvila-8b", 4).visual_tokens == 2048  # 32 frames + 4x averaging
-    assert video_budget(10, "nvila-8b", 4).separators == 3  # a last, shorter group is pooled alone
+    with pytest.raises(ValueError, match=r"10 frames do not divide into groups of 4 \(VILA requires a multiple\); sample 8 or 12"):
+        video_budget(10, "nvila-8b", 4)  # VILA's rule
+    ext = get_config("nvila-8b", temporal_kwargs={"tail": "average"})  # the kit's extension, by name
+    assert video_budget(10, ext, 4).separators == 3  # a last, shorter group is pooled alone
 
 
 def test_bad_video_arguments():
@@ -54,7 +76,7 @@ def test_text_tokens_add_positions_and_flops():
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(w=st.integers(1, 3000), h=st.integers(1, 3000), tiling=st.sampled_from(TILINGS),
-       projector=st.sampled_from(PROJECTORS))
+       projector=st.sampled_from(list(PROJECTORS)))
 def test_budget_equals_pipeline(encoders, w, h, tiling, projector):
     enc = encoders[(tiling, projector)]
     with torch.no_grad(), warnings.catch_warnings():
@@ -64,6 +86,60 @@ def test_budget_equals_pipeline(encoders, w, h, tiling, projector):
     assert b.vit_passes == vt.plan.vit_passes
     assert (b.visual_tokens, b.separators, b.llm_positions) == (vt.n_tokens, vt.n_separators, vt.n_positions)
     assert all(s.shape[-1] == enc.cfg.llm_hidden for s in vt.segments)
+
+
+@pytest.mark.parametrize("tiling", TILINGS)
+def test_budget_equals_pipeline_whole_image_compressor(tiling):
+    """The whole-image kind (imagepool): one pool over each segment's stitched map. Needs the encoder to call
+    `projector(stitched, grid)` for `per_tile = False` (notebook 05); skipped until it does."""
+    enc = _encoder(tiling, "imagepool", {"n_tokens": 20})
+    for w, h in [(1344, 896), (100, 700), (1, 1), (2000, 300)]:
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                vt = enc(Image.new("RGB", (w, h)))
+        except TypeError as e:
+            if "looks across tiles" in str(e):
+                pytest.skip("the encoder does not yet call whole-image compressors with the stitched segment")
+            raise
+        b = image_budget((w, h), enc.cfg)
+        assert (b.visual_tokens, b.separators, b.llm_positions) == (vt.n_tokens, vt.n_separators, vt.n_positions)
+
+
+def test_budget_honours_projector_kwargs_from_the_config():
+    base = get_config("nvila-8b")
+    tl = base.replace(projector="tokenlearner", projector_kwargs={"n_tokens": 9})
+    assert image_budget((1344, 896), tl).visual_tokens == 12 * 9
+    assert image_budget((1344, 896), base.replace(projector="avgpool", projector_kwargs={"k": 4})).visual_tokens == 12 * 64
+    with pytest.raises(TypeError):
+        image_budget((1344, 896), base, projector_kwargs={"n_tokens": 9})  # the argument is gone: settings live in the config
+    with pytest.raises(ConfigError, match="does not accept the settings"):
+        image_budget((1344, 896), base.replace(projector_kwargs={"k": 3}))
+
+
+def test_nvila8b_projector_flops_are_stc_formula_and_counter():
+    with torch.device("meta"):
+        p = build_compressor("stc2x2", 3456, 3584)
+    formula = 2 * 256 * (4 * 3456 * 3584 + 3584 * 3584)
+    assert p.flops_per_tile(32, 32) == formula
+    assert image_budget((1344, 896), "nvila-8b").projector_flops == 12 * formula
+
+
+def test_table_matches_modules_for_every_builtin():
+    assert set(BUILTIN_ARITHMETIC) == set(available_compressors())
+    cfg = get_config("tiny")
+    for name in BUILTIN_ARITHMETIC:
+        comp = build_compressor(name, cfg.mm_hidden, cfg.llm_hidden)
+        for grid in [(1, 1), (3, 4)]:
+            assert segment_cost(cfg.replace(projector=name), grid) == (comp.segment_tokens(8, 8, grid), comp.segment_flops(8, 8, grid))
+
+
+def test_budget_imports_no_torch():
+    code = ("import sys\nfrom nvila_lab.budget import image_budget, video_budget\n"
+            "b = image_budget((1920, 1080), 'nvila-8b')\nassert b.projector_flops > 0\nvideo_budget()\n"
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
 
 
 @settings(max_examples=60, deadline=None)

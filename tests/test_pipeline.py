@@ -94,7 +94,7 @@ def test_custom_compressor_registers_and_runs():
 
 
 def test_unknown_compressor_message():
-    with pytest.raises(ConfigError, match="did you mean 'stc2x2'.*Registered: stc2x2, stc3x3"):
+    with pytest.raises(ConfigError, match="unknown compressor 'stc_2x2'; did you mean 'stc2x2'.*Choices: stc2x2, stc3x3"):
         build_compressor("stc_2x2", 4, 4)
 
 
@@ -114,3 +114,48 @@ def test_training_signal_flows_through_the_encoder():
     vt.with_separators(torch.zeros(enc.cfg.llm_hidden)).sum().backward()
     assert enc.tower.embeddings.patch_embedding.weight.grad is not None
     assert enc.projector.layers[2].weight.grad is not None
+
+
+def test_flops_are_counted_for_compressors_without_linear_layers():
+    """The old count summed nn.Linear only and reported 0 here; the meta-device counter sees the conv and the einsum."""
+    class ConvMix(TokenCompressor):
+        def __init__(self, in_dim, out_dim):
+            super().__init__(in_dim, out_dim)
+            self.conv = torch.nn.Conv2d(in_dim, out_dim, 2, stride=2, bias=False)
+            self.mix = torch.nn.Parameter(torch.eye(out_dim))
+
+        def output_grid(self, h, w):
+            return (h // 2, w // 2)
+
+        def forward(self, x):  # [N, h, w, C] -> [N, L, D]
+            y = self.conv(x.permute(0, 3, 1, 2)).flatten(2).transpose(1, 2)
+            return torch.einsum("nld,de->nle", y, self.mix)
+
+    comp = ConvMix(6, 10)
+    assert comp.flops_per_tile(8, 8) == 2 * 16 * (4 * 6 * 10 + 10 * 10)
+    assert comp.segment_flops(8, 8, (3, 2)) == 6 * comp.flops_per_tile(8, 8)
+
+
+def test_perceiver_resampler_shapes_and_settings():
+    p = build_compressor("perceiver", 12, 16, n_latents=5, depth=2, heads=4)
+    assert p(torch.randn(3, 8, 8, 12)).shape == (3, 5, 16) and p.num_tokens(8, 8) == 5 and p.output_grid(8, 8) is None
+    with pytest.raises(ValueError, match="does not divide into 3 heads"):
+        build_compressor("perceiver", 12, 16, heads=3)
+    enc = ImageEncoder(get_config("tiny", projector="perceiver"),
+                       projector=build_compressor("perceiver", 192, 128, n_latents=4, heads=4))
+    with torch.no_grad():
+        vt = enc(Image.new("RGB", (64, 64)))
+    assert vt.n_tokens == 9 * 4  # 3x3 tiles, 4 latents each
+
+
+def test_whole_image_compressor_sees_across_tiles():
+    ip = build_compressor("imagepool", 4, 8, n_tokens=3)
+    assert not ip.per_tile
+    x = torch.zeros(1, 8, 16, 4)  # two 8x8 tiles side by side
+    x[0, :, 5:11] = 1.0  # a band straddling the tile edge at column 8
+    out = ip(x, (2, 1))
+    assert out.shape == (1, 3, 8) and ip.segment_tokens(8, 8, (2, 1)) == 3
+    pooled_middle = ip.mlp(torch.ones(4))  # window 1 of 3 covers columns 5..10: exactly the band
+    assert torch.allclose(out[0, 1], pooled_middle, atol=1e-6)
+    with pytest.raises(TypeError, match="looks across tiles"):
+        ip(torch.randn(2, 8, 8, 4))
