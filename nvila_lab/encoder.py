@@ -59,19 +59,22 @@ class VisualTokens:
 
     def __repr__(self) -> str:
         d = self.segments[0].shape[-1] if self.segments else 0
-        return (f"VisualTokens({self.n_tokens} tokens of width {d} in {self.n_separators} segment(s) "
-                f"-> {self.n_positions} LLM positions)")
+        return (f"VisualTokens({self.n_tokens} tokens of width {d} in {len(self.segments)} segment(s) "
+                f"+ {self.n_separators} separator(s) -> {self.n_positions} LLM positions)")
 
 # %% ../nbs/05_encoder.ipynb #56ac74e4
 class ImageEncoder(nn.Module):
     "NVILA's image path: Dynamic-S2 (or Lite / S2 / resize) tiling, SigLIP over all tiles in one batch, scale merge, per-tile projector."
     def __init__(self, cfg: NVILAConfig | str = "tiny", tower: nn.Module | None = None,
-                 projector: TokenCompressor | None = None, **projector_kwargs):
+                 projector: TokenCompressor | None = None, **settings):
+        if settings:  # the compressor's settings live in the config, so a checkpoint can rebuild it
+            raise TypeError(f"ImageEncoder takes no compressor settings ({_kw_text(settings)}); put them in the "
+                            f"config: cfg.replace(projector_kwargs={settings!r})")
         super().__init__()
         self.cfg = get_config(cfg) if isinstance(cfg, str) else cfg
         self.tower = tower if tower is not None else build_vision_tower(self.cfg)
         self.projector = projector if projector is not None else build_compressor(
-            self.cfg.projector, self.cfg.mm_hidden, self.cfg.llm_hidden, **projector_kwargs)
+            self.cfg.projector, self.cfg.mm_hidden, self.cfg.llm_hidden, **self.cfg.projector_kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -92,7 +95,10 @@ class ImageEncoder(nn.Module):
             self.cfg = saved
 
     def project(self, segments: list[torch.Tensor], grids: list[tuple[int, int]]) -> list[torch.Tensor]:
-        "Projector over every segment's tiles [tiles, h, w, C'] in one call; tokens stitched row-major across each segment's (cols, rows) grid."
+        "Projector over every segment's tiles [tiles, h, w, C'] in one call (a whole-image compressor: once per stitched segment); tokens row-major across each segment's (cols, rows) grid."
+        if not self.projector.per_tile:  # a whole-image compressor sees each segment's stitched map at once
+            return [self.projector(stitch(self._fit_channels(s), g)[None], grid=g)[0]  # [1, rows*h, cols*w, C] -> [L, D]
+                    for s, g in zip(segments, grids)]
         sizes = [s.shape[0] for s in segments]
         x = torch.cat([self._fit_channels(s) for s in segments])  # [tiles, h, w, C_in]
         h, w = x.shape[1:3]
@@ -138,6 +144,10 @@ class ImageEncoder(nn.Module):
                      ("tokens per segment", _shapes(toks))]
             out.append(VisualTokens(toks, p, trace)); k += n
         return out
+
+
+def _kw_text(kwargs: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
 
 
 def _shapes(tensors: list[torch.Tensor]) -> tuple:

@@ -21,7 +21,7 @@ from .encoder import ImageEncoder, VisualTokens
 from .images import preprocess
 from .vision import tile_features
 from .temporal_compress import (TEMPORAL_COMPRESSORS, KeyFrames, TemporalAverage, TemporalCompressor,
-                                          build_temporal, register_temporal)
+                                          build_temporal, register_temporal, temporal_for)
 
 # %% auto #0
 __all__ = ['VIDEO_EXTENSIONS', 'Video', 'is_video', 'as_video', 'encode_videos']
@@ -77,10 +77,12 @@ def as_video(item) -> Video:
     return item if isinstance(item, Video) else Video(item)
 
 # %% ../nbs/14_temporal.ipynb #28318c0e
-def encode_videos(encoder: ImageEncoder, videos: Sequence[Video | str | Path], temporal: TemporalCompressor,
+def encode_videos(encoder: ImageEncoder, videos: Sequence[Video | str | Path], temporal: TemporalCompressor | None = None,
                   num_frames: int | None = None) -> list[VisualTokens]:
-    "Tokens of each video: frames -> tower (one batch) -> projector -> `temporal` -> one segment [L, D] per pooled frame."
+    """Tokens of each video: frames -> tower (one batch) -> projector -> `temporal` -> one segment [L, D] per pooled
+    frame. `temporal` defaults to the compressor the encoder's config names (`temporal_for(encoder.cfg)`)."""
     cfg = encoder.cfg
+    temporal = temporal_for(cfg) if temporal is None else temporal
     clips = [as_video(v).frames(num_frames or cfg.num_video_frames) for v in videos]  # each [T_i, H, W, 3]
     sizes = [c.shape[0] for c in clips]
     pixels = preprocess([Image.fromarray(f) for c in clips for f in c], cfg.image_size)  # [sum T, 3, S, S]
