@@ -18,7 +18,7 @@ from .tiling import TilePlan
 
 # %% auto #0
 __all__ = ['pick_attention', 'siglip_config', 'build_vision_tower', 'tile_features', 'stitch', 'unstitch', 'area_resize',
-           'merge_scales']
+           'merge_scales', 'scale_index', 'check_merge_index']
 
 # %% ../nbs/03_vision.ipynb #996fd479
 def pick_attention(device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> str:
@@ -89,20 +89,45 @@ def area_resize(fmap: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return y[0].permute(1, 2, 0).to(fmap.dtype)  # [H', W', C]
 
 
-def merge_scales(features: torch.Tensor, plan: TilePlan) -> list[torch.Tensor]:
+def merge_scales(features: torch.Tensor, plan: TilePlan, target: int | None = None) -> list[torch.Tensor]:
     """Tile features [plan.vit_passes, h, w, C] -> one tensor per token segment, each [tiles, h, w, C'].
 
     S2 / Dynamic-S2: per-scale maps, area-resized to the target scale's map, concatenated on channels
-    (smallest first, C' = C * scales), re-cut into the target grid. Dynamic / resize: each tile alone (C' = C)."""
+    (smallest first, C' = C * scales), re-cut into the target scale's grid. `target` is VILA's
+    `s2_resize_output_to_scale_idx` (a Python index into the scales, -1 = the largest); None takes the plan's
+    own (`plan.merge_target`). Dynamic / resize: each tile alone (C' = C)."""
     if features.shape[0] != plan.vit_passes:
         raise ValueError(f"plan has {plan.vit_passes} tiles but got features for {features.shape[0]}")
     if not plan.merged:
         return list(features.split(1))  # every tile (and the thumbnail) is its own segment [1, h, w, C]
+    t = plan.merge_target if target is None else scale_index(target, len(plan.scales))
     maps, start = [], 0
     for s in plan.scales:
         maps.append(stitch(features[start:start + s.n_tiles], s.grid))  # [rows*h, cols*w, C]
         start += s.n_tiles
-    target = plan.scales[plan.merge_target]
-    size = maps[plan.merge_target].shape[:2]
+    size = maps[t].shape[:2]
     merged = torch.cat([area_resize(m, size) for m in maps], dim=-1)  # [H, W, C * scales], smallest scale first
-    return [unstitch(merged, target.grid)]  # [rows*cols, h, w, C * scales]
+    return [unstitch(merged, plan.scales[t].grid)]  # [tiles of the target grid, h, w, C * scales]
+
+
+def scale_index(idx: int, n_scales: int) -> int:
+    "VILA's `s2_resize_output_to_scale_idx` as a position 0..n_scales-1 (Python indexing: -1 is the largest scale)."
+    if not isinstance(idx, int) or isinstance(idx, bool) or not -n_scales <= idx < n_scales:
+        raise ValueError(f"s2_resize_output_to_scale_idx {idx!r} names none of the {n_scales} scales; use an "
+                         f"index in {-n_scales}..{n_scales - 1} (-1 is the largest)")
+    return idx % n_scales
+
+
+def check_merge_index(idx: int, plan_mode: str, n_scales: int) -> int:
+    """Refuse a `s2_resize_output_to_scale_idx` that the kit's plans, encoder and budget do not follow: they merge to
+    the largest scale under Dynamic-S2 (NVILA's configs set -1) and to the smallest under S2 (VILA's default 0).
+    Returns the index the kit writes for `plan_mode` (-1 or 0)."""
+    kit = {"dynamic_s2": n_scales - 1, "s2": 0}
+    if plan_mode not in kit:
+        return idx  # one-scale tilings never merge scales: the key is not read
+    if scale_index(idx, n_scales) != kit[plan_mode]:
+        raise ValueError(f"s2_resize_output_to_scale_idx {idx} merges {plan_mode} features at scale "
+                         f"{scale_index(idx, n_scales)} of 0..{n_scales - 1}; nvila-lab plans, encodes and budgets "
+                         f"{plan_mode} only at scale {kit[plan_mode]} ({-1 if plan_mode == 'dynamic_s2' else 0} in "
+                         "VILA's config); set that value, or use merge_scales(..., target=idx) by hand")
+    return -1 if plan_mode == "dynamic_s2" else 0
