@@ -1,4 +1,4 @@
-"""Pick an image, a preset, scales, a compressor and a tile limit; see the tile grid over the image, the token count and the FLOP split, and how they move.
+"""Pick an image (or several for one prompt), a preset, scales, a compressor and its settings, and a tile limit; see the tile grid over the image, the token count and the FLOP split, and how they move.
 
 Docs: https://nvila-lab.github.io/nvila-lab/dash_tokens.html.md"""
 
@@ -7,29 +7,35 @@ Docs: https://nvila-lab.github.io/nvila-lab/dash_tokens.html.md"""
 # %% ../nbs/60_dash_tokens.ipynb #00ce17f0
 from __future__ import annotations
 
+import ast
 import base64
 import dataclasses
 import html
+import inspect
 import io
 import math
 import re
 from contextlib import contextmanager
 from pathlib import Path
 
-import ipywidgets as W
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image
 
 import nvila_lab
-from .budget import TokenBudget, image_budget, video_budget
-from .compress import available_compressors
-from .config import TILING_MODES, ConfigError, NVILAConfig, get_config, list_presets
+from .budget import TokenBudget, image_budget, llm_prefill_flops, video_budget
+from .compress import available_compressors, compressor_class
+from .config import TILING_MODES, ConfigError, NVILAConfig, get_config, list_presets, require
 from .images import ImageError, load_image, make_document_image, make_panorama_image
-from .tiling import ScaleGrid, TilePlan, draw_plan
+from .tiling import ScaleGrid, TilePlan, draw_plan, parse_size, plan_prompt
+
+# The `lab` extra; without it, importing this module says so in one line (nvila_lab.config.MissingExtra).
+W = require("ipywidgets", "lab", "the token-budget dashboards")
+Figure = require("matplotlib.figure", "lab", "the dashboards' charts", package="matplotlib").Figure
+FigureCanvasAgg = require("matplotlib.backends.backend_agg", "lab", "the dashboards' charts",
+                          package="matplotlib").FigureCanvasAgg
 
 # %% auto #0
-__all__ = ['SAMPLES_DIR', 'MAX_SCALE_RATIO', 'human_flops', 'parse_scales', 'default_images', 'TokenDashboard',
+__all__ = ['W', 'Figure', 'FigureCanvasAgg', 'SAMPLES_DIR', 'MAX_SCALE_RATIO', 'PNG_MAGIC', 'human_flops', 'parse_scales',
+           'parse_settings', 'settings_text', 'compressor_help', 'default_images', 'prompt_budget', 'TokenDashboard',
            'build_token_dashboard', 'VideoTokenDashboard', 'build_video_dashboard']
 
 # %% ../nbs/60_dash_tokens.ipynb #09a8c30b
@@ -59,6 +65,41 @@ def parse_scales(text: str, tile: int = 448) -> tuple[int, ...]:
     return scales
 
 
+_KEY = re.compile(r"^([A-Za-z_]\w*)=(.+)$")
+
+
+def parse_settings(text: str) -> dict:
+    "Compressor settings typed as 'n_tokens=9, hidden=64' -> {'n_tokens': 9, 'hidden': 64}; values are Python literals, else text."
+    out = {}
+    for part in (p for p in re.split(r"[,\s]+", str(text).strip()) if p):
+        m = _KEY.match(part)
+        if not m:
+            raise ValueError(f"compressor setting {part!r} is not KEY=VALUE; type e.g. 'n_tokens=9, hidden=64'")
+        if m[1] in out:
+            raise ValueError(f"compressor setting {m[1]!r} is given twice")
+        try:
+            out[m[1]] = ast.literal_eval(m[2])
+        except (ValueError, SyntaxError):
+            out[m[1]] = m[2]  # a bare word stays text
+    return out
+
+
+def settings_text(kwargs: dict) -> str:
+    "The inverse of `parse_settings`: {'n_tokens': 9} -> 'n_tokens=9'."
+    return ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in kwargs.items())
+
+
+def compressor_help(name: str) -> str:
+    "One line on a registered compressor (built-in or plug-in): its first docstring line, the settings it takes and their defaults."
+    cls = compressor_class(name)  # aliases work; an unknown name gets the registry's error
+    params = [p for p in list(inspect.signature(cls.__init__).parameters.values())[3:]  # after self, in_dim, out_dim
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    settings = ", ".join(f"{p.name}={p.default!r}" if p.default is not p.empty else p.name for p in params)
+    where = "" if cls.__module__ == "nvila_lab.compress" else f" (plug-in from {cls.__module__})"
+    doc = (inspect.getdoc(cls) or "").split("\n")[0]
+    return f"{cls.name}{where}: {doc} Settings: {settings or 'none'}."
+
+
 def default_images(folder: str | Path | None = None) -> dict[str, Image.Image]:
     "The sample images in `folder` (default: the repo's data_samples/images) by file name; drawn ones if there are none."
     folder = Path(folder) if folder is not None else SAMPLES_DIR
@@ -72,14 +113,13 @@ def default_images(folder: str | Path | None = None) -> dict[str, Image.Image]:
             continue  # a broken sample must not break the dashboard
     return images or {"document (drawn)": make_document_image(), "panorama (drawn)": make_panorama_image()}
 
-# %% ../nbs/60_dash_tokens.ipynb #4dbc2254
-_MODE_LABELS = {"dynamic_s2": "Dynamic-S2 (NVILA)", "dynamic": "dynamic tiles (Lite)", "s2": "S2 (square scales)",
-                "resize": "resize (1 tile)"}
+# %% ../nbs/60_dash_tokens.ipynb #4b56948f
 _PARTS = (("vision tower", "vit_flops", "#4c78a8"), ("projector", "projector_flops", "#54a24b"),
           ("LLM prefill", "llm_prefill_flops", "#f58518"))
 _FG1, _FG2, _LINE = ("var(--jp-content-font-color1,#222)", "var(--jp-content-font-color2,#555)",
                      "var(--jp-border-color2,#eee)")  # JupyterLab's theme colours (light and dark), plain ones elsewhere
-_PICTURE_W, _PICTURE_H = 480, 360  # largest size of the drawn grid, in screen pixels
+_TD = f"padding:2px 8px;border-bottom:1px solid {_LINE};text-align:right;white-space:nowrap"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _png(img: Image.Image | Figure) -> bytes:
@@ -101,6 +141,64 @@ def _close_tree(root: W.Widget) -> None:
         w.close()
 
 
+def _delta(new: float, old: float | None, flops: bool = False) -> str:
+    "The change from `old` to `new` as coloured HTML: more cost red, less cost green; '' when unchanged."
+    if old is None or new == old:
+        return ""
+    d = new - old
+    colour = "#c0392b" if d > 0 else "#1e8449"
+    text = ("+" if d > 0 else "\u2212") + (human_flops(abs(d)) if flops else f"{abs(d):,}")
+    return f'<span style="color:{colour}">{text}</span>'
+
+
+def _summary_html(b: TokenBudget, cfg: NVILAConfig) -> str:
+    "The big numbers: visual tokens, vision passes, LLM positions, FLOPs; a warning past the LLM's context."
+    big = f"font-size:22px;font-weight:600;color:{_FG1}"
+    over = (f"<div style='color:#a02020'>{b.llm_positions:,} positions exceed the LLM's context of "
+            f"{cfg.max_length:,}</div>") if b.llm_positions > cfg.max_length else ""
+    return (f"<div style='padding:2px 0 8px 0;color:{_FG2}'>"
+            f"<span class='nvl-tokens' style='{big}'>{b.visual_tokens:,}</span> visual tokens &nbsp;\u00b7&nbsp; "
+            f"<span class='nvl-passes' style='{big}'>{b.vit_passes}</span> vision passes &nbsp;\u00b7&nbsp; "
+            f"<span class='nvl-positions' style='{big}'>{b.llm_positions:,}</span> LLM positions &nbsp;\u00b7&nbsp; "
+            f"<span class='nvl-flops' style='{big}'>{human_flops(b.total_flops)}</span></div>{over}")
+
+
+def _table(head: list[str], rows: list[list[str]], bold: int = 1) -> str:
+    "An HTML budget table: `head` labels, `rows` of cells (the first is the row's label, escaped); column `bold` in bold."
+    th = "".join(f"<th style='{_TD};color:{_FG2};font-weight:600'>{html.escape(h)}</th>" for h in head)
+    body = "".join(f"<tr class='nvl-row'><td style='{_TD};text-align:left;color:{_FG1}'>{html.escape(r[0])}</td>"
+                   + "".join(f"<td style='{_TD}{';font-weight:600' * (i == bold)}'>{c}</td>"
+                             for i, c in enumerate(r[1:], 1)) + "</tr>" for r in rows)
+    return (f"<table class='nvl-budget' style='border-collapse:collapse;font-size:13px;line-height:1.5'>"
+            f"<thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>")
+
+# %% ../nbs/60_dash_tokens.ipynb #3d6a009e
+def prompt_budget(sizes: list[tuple[int, int]], cfg: NVILAConfig | str, tile_all: bool = False,
+                  text_tokens: int = 0) -> tuple[TokenBudget, list[TokenBudget]]:
+    """(the whole prompt's budget, each image's) for the images of `sizes` in one prompt, planned by VILA's rule
+    (`plan_prompt`: one tile each when there are several, unless `tile_all`). One image: `image_budget` itself."""
+    cfg = get_config(cfg) if isinstance(cfg, str) else cfg
+    if not sizes:
+        raise ValueError("a prompt needs at least one image")
+    plans = plan_prompt(sizes, cfg, tile_all=tile_all, warn=False)
+    if len(plans) == 1:
+        b = image_budget(plans[0].image_size, cfg, text_tokens=text_tokens, plan=plans[0])
+        return b, [b]
+    each = [image_budget(p.image_size, cfg, plan=p) for p in plans]
+    total = lambda attr: sum(getattr(b, attr) for b in each)
+    positions = total("visual_tokens") + total("separators") + text_tokens
+    whole = TokenBudget(cfg.name, " + ".join(b.input for b in each), None, total("tiles"), total("vit_passes"),
+                        total("visual_tokens"), total("separators"), positions, text_tokens, total("vit_flops"),
+                        total("projector_flops"), llm_prefill_flops(cfg, positions), None)
+    return whole, each
+
+# %% ../nbs/60_dash_tokens.ipynb #4dbc2254
+_MODE_LABELS = {"dynamic_s2": "Dynamic-S2 (NVILA)", "dynamic": "dynamic tiles (Lite)", "s2": "S2 (square scales)",
+                "resize": "resize (1 tile)"}
+_PICTURE_W, _PICTURE_H = 480, 360  # largest size of the drawn grid, in screen pixels
+_BLANK_PREVIEW = 480  # longest side of the placeholder drawn for an image given only by its size
+
+
 def _screen_plan(plan: TilePlan) -> TilePlan:
     "The plan's largest scale with tiles shrunk to screen size: same grid, drawn fast by `draw_plan`."
     cols, rows = plan.scales[-1].grid
@@ -108,23 +206,16 @@ def _screen_plan(plan: TilePlan) -> TilePlan:
     return dataclasses.replace(plan, tile=t, scales=(ScaleGrid((cols * t, rows * t), (cols, rows)),), thumbnail=False)
 
 
-def _delta(new: float, old: float | None, flops: bool = False) -> str:
-    if old is None or new == old:
-        return ""
-    d = new - old
-    colour = "#c0392b" if d > 0 else "#1e8449"  # more cost red, less cost green
-    text = ("+" if d > 0 else "\u2212") + (human_flops(abs(d)) if flops else f"{abs(d):,}")
-    return f'<span style="color:{colour}">{text}</span>'
-
-
 class TokenDashboard(W.VBox):
-    "An ipywidgets dashboard of one image's token budget; controls are attributes, `budget`/`message` the state."
+    """An ipywidgets dashboard of one prompt's token budget (one image, or several: VILA's one tile each by default).
+    Controls are attributes; `budget`, `image_budgets`, `config` and `message` are the state."""
 
     def __init__(self, images: dict[str, Image.Image] | None = None, preset: str = "nvila-8b"):
-        self._images: dict[str, Image.Image] = {}
+        self._sizes: dict[str, tuple[int, int]] = {}  # every image by name, real or given by its size only
         self._previews: dict[str, Image.Image] = {}
         self._pictures: dict[tuple, bytes] = {}  # cache of drawn grids
         self._budget: TokenBudget | None = None
+        self._each: list[TokenBudget] = []
         self._previous: TokenBudget | None = None
         self._refs: dict[str, TokenBudget] = {}
         self._cfg: NVILAConfig | None = None
@@ -132,23 +223,30 @@ class TokenDashboard(W.VBox):
         self._holding = 0
         for name, img in (images if images else default_images()).items():
             self._store_image(name, load_image(img))  # paths, bytes and arrays work too
-        if not self._images:
+        if not self._sizes:
             raise ImageError("build_token_dashboard got no images")
-        first = "document.png" if "document.png" in self._images else next(iter(self._images))
+        first = "document.png" if "document.png" in self._sizes else next(iter(self._sizes))
         cfg = get_config(preset)  # an unknown preset raises here, before any widget exists
-        wide = {"description_width": "90px"}
-        box = W.Layout(width="300px")
+        wide, box = {"description_width": "90px"}, W.Layout(width="300px")
         self.image = W.Dropdown(options=self._image_options(), value=first, description="image", style=wide, layout=box)
+        self.extra = W.SelectMultiple(options=self._image_options(), value=(), rows=3, description="+ in prompt",
+                                      style=wide, layout=box)
+        self.tile_all = W.Checkbox(value=False, description="tile every image (the kit's option; VILA: 1 tile each)",
+                                   indent=False, layout=W.Layout(width="300px"))
         self.upload = W.FileUpload(accept="image/*", multiple=False, description="upload image",
                                    layout=W.Layout(width="300px"))
+        self.add_size_box = W.Text(value="", description="add size", placeholder="WxH, e.g. 2000x500",
+                                   continuous_update=False, style=wide, layout=box)
         self.preset = W.Dropdown(options=list_presets(), value=cfg.name, description="preset", style=wide, layout=box)
         self.mode = W.Dropdown(options=[(_MODE_LABELS.get(m, m), m) for m in TILING_MODES], value=cfg.tiling,
                                description="tiling", style=wide, layout=box)
         self.scales = W.Text(value=",".join(map(str, cfg.s2_scales)), description="scales (px)",
                              placeholder="448,896,1344", continuous_update=False, style=wide, layout=box)
-        names = available_compressors()
-        self.compressor = W.Dropdown(options=names if cfg.projector in names else names + [cfg.projector],
-                                     value=cfg.projector, description="compressor", style=wide, layout=box)
+        self.compressor = W.Dropdown(options=self._compressor_options(cfg.projector), value=cfg.projector,
+                                     description="compressor", style=wide, layout=box)
+        self.settings = W.Text(value=settings_text(cfg.projector_kwargs), description="settings",
+                               placeholder="defaults (e.g. n_tokens=9)", continuous_update=False, style=wide, layout=box)
+        self.compressor_info = W.HTML(layout=W.Layout(width="300px"))
         self.max_tiles = W.IntSlider(value=cfg.max_tiles, min=1, max=36, description="max tiles",
                                      continuous_update=False, style=wide, layout=box)
         self.text_tokens = W.IntSlider(value=64, min=0, max=8192, step=64, description="text tokens",
@@ -164,9 +262,11 @@ class TokenDashboard(W.VBox):
         self._ax = self._fig.add_subplot()
 
         heading = W.HTML(f"<b style='font-size:15px'>NVILA token budget</b><br><span style='color:{_FG2}'>"
-                         "one image, one setting: tiles, tokens, FLOPs</span>")
-        controls = W.VBox([heading, self.image, self.upload, W.HTML("<hr style='margin:4px 0'>"), self.preset,
-                           self.mode, self.scales, self.compressor, self.max_tiles, self.text_tokens, self.msg],
+                         "one prompt, one setting: tiles, tokens, FLOPs</span>")
+        hr = lambda: W.HTML("<hr style='margin:4px 0'>")
+        controls = W.VBox([heading, self.image, self.extra, self.tile_all, self.upload, self.add_size_box, hr(),
+                           self.preset, self.mode, self.scales, self.max_tiles, self.compressor, self.settings,
+                           self.compressor_info, self.text_tokens, self.msg],
                           layout=W.Layout(width="314px", min_width="314px", padding="4px 14px 4px 0"))
         picture = W.VBox([self.picture, self.caption], layout=W.Layout(width=f"{_PICTURE_W}px", max_width="100%"))
         right = W.VBox([self.summary, W.HBox([picture, self.table],
@@ -177,15 +277,28 @@ class TokenDashboard(W.VBox):
 
         self.preset.observe(self._on_preset, "value")
         self.upload.observe(self._on_upload, "value")
-        for w in (self.image, self.mode, self.scales, self.compressor, self.max_tiles, self.text_tokens):
+        self.add_size_box.observe(self._on_add_size, "value")
+        self.compressor.observe(self._on_compressor, "value")
+        for w in (self.image, self.extra, self.tile_all, self.mode, self.scales, self.settings, self.max_tiles,
+                  self.text_tokens):
             w.observe(self._on_change, "value")
         self._apply_preset(cfg.name)
 
     # ---- state, read-only ----
     @property
     def budget(self) -> TokenBudget:
-        "The `TokenBudget` shown now (the last good one when the controls hold an error)."
+        "The `TokenBudget` of the whole prompt shown now (the last good one when the controls hold an error)."
         return self._budget
+
+    @property
+    def image_budgets(self) -> list[TokenBudget]:
+        "Each image's own budget, in prompt order (one entry for a single image: `budget` itself)."
+        return list(self._each)
+
+    @property
+    def prompt(self) -> list[str]:
+        "The names of the images in the prompt: the chosen image, then the ones added with '+ in prompt'."
+        return [self.image.value] + [n for n in self.extra.value if n != self.image.value]
 
     @property
     def message(self) -> str:
@@ -194,17 +307,18 @@ class TokenDashboard(W.VBox):
 
     @property
     def config(self) -> NVILAConfig:
-        "The config behind the current budget."
+        "The config behind the current budget (with the compressor's settings in `projector_kwargs`)."
         return self._cfg
 
     @property
     def references(self) -> dict[str, TokenBudget]:
-        "The budgets the chart compares against: the preset as shipped, and the plain `resize` baseline."
+        "The budgets the chart compares against (same prompt): the preset as shipped, and the plain `resize` baseline."
         return dict(self._refs)
 
     @property
-    def images(self) -> dict[str, Image.Image]:
-        return dict(self._images)
+    def sizes(self) -> dict[str, tuple[int, int]]:
+        "Every image the dashboard knows, name -> (W, H)."
+        return dict(self._sizes)
 
     # ---- changing it ----
     @contextmanager
@@ -230,33 +344,42 @@ class TokenDashboard(W.VBox):
     def add_image(self, name: str, src) -> str:
         "Load `src` (path, bytes, PIL image or array; `ImageError` if it is not an image), add it as `name`, select it."
         self._store_image(name, load_image(src))
-        with self.hold():
-            self.image.options = self._image_options()
-            self.image.value = name
+        self._select_new(name)
+        return name
+
+    def add_size(self, text: str | tuple[int, int]) -> str:
+        "Add a blank image of a size typed as 'WxH' (`tiling.parse_size`; `ValueError` if it is not one) and select it."
+        size = parse_size(text) if isinstance(text, str) else tuple(text)
+        name = f"size {size[0]}x{size[1]}"
+        scale = _BLANK_PREVIEW / max(size)
+        preview = Image.new("RGB", (max(1, round(size[0] * scale)), max(1, round(size[1] * scale))), (205, 210, 218))
+        self._sizes[name], self._previews[name] = size, preview
+        self._pictures = {k: v for k, v in self._pictures.items() if k[0] != name}
+        self._select_new(name)
         return name
 
     def refresh(self) -> None:
-        "Recompute the budget from the controls and redraw; on bad input show the message and keep the last good state."
+        "Recompute the budgets from the controls and redraw; on bad input show the message and keep the last good state."
         if self._holding:
             return
         try:
             cfg = self._config_from_controls()
-            size = self._images[self.image.value].size
-            budget = image_budget(size, cfg, text_tokens=self.text_tokens.value)
-            text = self.text_tokens.value
-            refs = {f"{self.preset.value} as shipped": image_budget(size, self.preset.value, text_tokens=text),
-                    "resize baseline (1 tile)": image_budget(size, cfg.replace(tiling="resize"), text_tokens=text)}
-        except (ConfigError, ValueError, KeyError) as e:
+            sizes, text, tile_all = [self._sizes[n] for n in self.prompt], self.text_tokens.value, self.tile_all.value
+            budget, each = prompt_budget(sizes, cfg, tile_all, text)
+            shipped = get_config(self.preset.value)
+            refs = {f"{shipped.name} as shipped": prompt_budget(sizes, shipped, tile_all, text)[0],
+                    "resize baseline (1 tile)": prompt_budget(sizes, cfg.replace(tiling="resize"), text_tokens=text)[0]}
+        except (ConfigError, ValueError, KeyError, TypeError) as e:
             self._show_message(str(e).strip("'\""))
             return
         self._sync_controls(cfg)
         if budget != self._budget:
             self._previous = self._budget
-        self._budget, self._cfg, self._refs = budget, cfg, refs
+        self._budget, self._each, self._cfg, self._refs = budget, each, cfg, refs
         self._show_message("")
-        self.picture.value = self._picture(self.image.value, budget.plan)
-        self.caption.value = self._caption_html(budget.plan, cfg)
-        self.summary.value = self._summary_html(budget, cfg)
+        self.picture.value = self._picture(self.image.value, each[0].plan)
+        self.caption.value = self._caption_html(each, self.prompt)
+        self.summary.value = _summary_html(budget, cfg)
         self.table.value = self.table_html()
         self.chart.value = self._chart_png()
 
@@ -269,6 +392,13 @@ class TokenDashboard(W.VBox):
             self._apply_preset(change["new"])
         except ConfigError as e:
             self._show_message(str(e))
+
+    def _on_compressor(self, change):
+        "A new compressor starts from its defaults (or the preset's settings, for the preset's own compressor)."
+        base = get_config(self.preset.value)
+        with self._quiet():
+            self.settings.value = settings_text(base.projector_kwargs) if change["new"] == base.projector else ""
+        self.refresh()
 
     def _on_upload(self, change):
         files = change["new"]
@@ -284,32 +414,58 @@ class TokenDashboard(W.VBox):
             with self._quiet():
                 self.upload.value = ()  # so the same file can be chosen again
 
+    def _on_add_size(self, change):
+        text = change["new"].strip()
+        if not text:
+            return
+        try:
+            self.add_size(text)
+        except ValueError as e:
+            self._show_message(str(e))
+        else:
+            with self._quiet():
+                self.add_size_box.value = ""
+
     # ---- internals ----
     def _store_image(self, name: str, img: Image.Image) -> None:
-        self._images[name] = img
+        self._sizes[name] = img.size
         preview = img.copy()
         preview.thumbnail((1600, 1600), Image.Resampling.BICUBIC)  # drawing never needs more pixels
         self._previews[name] = preview
         self._pictures = {k: v for k, v in self._pictures.items() if k[0] != name}
 
+    def _select_new(self, name: str) -> None:
+        with self.hold():
+            extra = tuple(n for n in self.extra.value if n != name)
+            self.image.options = self.extra.options = self._image_options()
+            self.extra.value = extra
+            self.image.value = name
+
     def _image_options(self) -> list[tuple[str, str]]:
-        return [(f"{n}  ({im.size[0]}x{im.size[1]})", n) for n, im in self._images.items()]
+        return [(f"{n}  ({w}x{h})", n) for n, (w, h) in self._sizes.items()]
+
+    @staticmethod
+    def _compressor_options(current: str) -> list[str]:
+        "Every registered compressor (plug-ins included, re-read at each update), and `current` if it is not one."
+        names = available_compressors()
+        return names if current in names else names + [current]
 
     def _apply_preset(self, name: str) -> None:
         cfg = get_config(name)
         with self.hold():
             self.mode.value = cfg.tiling
             self.scales.value = ",".join(map(str, cfg.s2_scales))
-            if cfg.projector not in self.compressor.options:
-                self.compressor.options = list(self.compressor.options) + [cfg.projector]
+            self.compressor.options = self._compressor_options(cfg.projector)
             self.compressor.value = cfg.projector
+            self.settings.value = settings_text(cfg.projector_kwargs)
             self._set_bounds(*self._tile_bounds(cfg))
             self.max_tiles.value = cfg.max_tiles
 
     def _config_from_controls(self) -> NVILAConfig:
         base = get_config(self.preset.value)
         mode = self.mode.value
-        changes = dict(tiling=mode, projector=self.compressor.value, max_tiles=self.max_tiles.value)
+        changes = dict(tiling=mode, projector=self.compressor.value, max_tiles=self.max_tiles.value,
+                       projector_kwargs=parse_settings(self.settings.value))
         if mode in ("dynamic_s2", "s2"):
             scales = parse_scales(self.scales.value, base.image_size)
             changes["s2_scales"] = scales
@@ -332,13 +488,21 @@ class TokenDashboard(W.VBox):
                 self.max_tiles.max = hi
 
     def _sync_controls(self, cfg: NVILAConfig) -> None:
-        "Slider bounds and enabled states that follow the config (no update)."
+        "Slider bounds, enabled states, the compressor list and its note, following the config (no update)."
         with self._quiet():
             if cfg.tiling in ("dynamic_s2", "dynamic"):
                 self._set_bounds(*self._tile_bounds(cfg))
                 self.max_tiles.value = cfg.max_tiles
             self.max_tiles.disabled = cfg.tiling not in ("dynamic_s2", "dynamic")
             self.scales.disabled = cfg.tiling not in ("dynamic_s2", "s2")
+            self.tile_all.disabled = len(self.prompt) < 2 or cfg.tiling == "resize"
+            options = self._compressor_options(cfg.projector)
+            if list(self.compressor.options) != options:  # a plug-in registered since the last update
+                self.compressor.options = options
+                self.compressor.value = cfg.projector
+        note = compressor_help(cfg.projector)
+        self.compressor_info.value = (f"<div style='color:{_FG2};font-size:11.5px;line-height:1.3'>"
+                                      f"{html.escape(note)}</div>")
 
     def _show_message(self, text: str) -> None:
         self._message = text
@@ -356,53 +520,39 @@ class TokenDashboard(W.VBox):
         return self._pictures[key]
 
     @staticmethod
-    def _caption_html(plan: TilePlan, cfg: NVILAConfig) -> str:
+    def _caption_html(each: list[TokenBudget], names: list[str]) -> str:
+        plan = each[0].plan
         big = plan.scales[-1]
         parts = [f"{s.size[0]}x{s.size[1]}: {s.n_tiles} tile{'s' * (s.n_tiles > 1)}" for s in plan.scales]
         extra = f" + a {plan.tile}-px thumbnail" if plan.thumbnail else ""
-        return (f"<div style='color:{_FG2};font-size:12px;line-height:1.35'>Grid at the largest scale: the image "
-                f"resized to {big.size[0]}x{big.size[1]} and cut into {big.grid[0]}x{big.grid[1]} tiles of "
-                f"{plan.tile} px. Scales: {'; '.join(parts)}{extra}.</div>")
-
-    @staticmethod
-    def _summary_html(b: TokenBudget, cfg: NVILAConfig) -> str:
-        big = f"font-size:22px;font-weight:600;color:{_FG1}"
-        over = (f"<div style='color:#a02020'>{b.llm_positions:,} positions exceed the LLM's context of "
-                f"{cfg.max_length:,}</div>") if b.llm_positions > cfg.max_length else ""
-        return (f"<div style='padding:2px 0 8px 0;color:{_FG2}'>"
-                f"<span class='nvl-tokens' style='{big}'>{b.visual_tokens:,}</span> visual tokens &nbsp;\u00b7&nbsp; "
-                f"<span class='nvl-passes' style='{big}'>{b.vit_passes}</span> vision passes &nbsp;\u00b7&nbsp; "
-                f"<span class='nvl-positions' style='{big}'>{b.llm_positions:,}</span> LLM positions &nbsp;\u00b7&nbsp; "
-                f"<span class='nvl-flops' style='{big}'>{human_flops(b.total_flops)}</span></div>{over}")
+        text = (f"Grid at the largest scale{' of image 1' * (len(each) > 1)}: the image resized to "
+                f"{big.size[0]}x{big.size[1]} and cut into {big.grid[0]}x{big.grid[1]} tiles of {plan.tile} px. "
+                f"Scales: {'; '.join(parts)}{extra}.")
+        if len(each) > 1:
+            text += " In this prompt: " + "; ".join(
+                f"{i}. {n} ({b.input}): {b.vit_passes} vision pass{'es' * (b.vit_passes > 1)}, {b.visual_tokens:,} tokens"
+                for i, (n, b) in enumerate(zip(names, each), 1)) + "."
+        return f"<div style='color:{_FG2};font-size:12px;line-height:1.35'>{html.escape(text)}</div>"
 
     def table_html(self) -> str:
         "The budget as an HTML table: this setting, the change since the last one, and the resize baseline."
         b, p = self._budget, self._previous
         base = self._refs["resize baseline (1 tile)"]
         grid = lambda x: "\u2013" if x.grid is None else f"{x.grid[0]} x {x.grid[1]}"
-        rows = [("grid (cols x rows)", grid(b), "" if p is None or grid(p) == grid(b) else f"was {grid(p)}", grid(base)),
-                ("tiles to tokens", f"{b.tiles:,}", _delta(b.tiles, p and p.tiles), f"{base.tiles:,}"),
-                ("vision passes", f"{b.vit_passes:,}", _delta(b.vit_passes, p and p.vit_passes), f"{base.vit_passes:,}"),
-                ("visual tokens", f"{b.visual_tokens:,}", _delta(b.visual_tokens, p and p.visual_tokens),
-                 f"{base.visual_tokens:,}"),
-                ("separators", f"{b.separators:,}", _delta(b.separators, p and p.separators), f"{base.separators:,}"),
-                ("text tokens", f"{b.text_tokens:,}", _delta(b.text_tokens, p and p.text_tokens), f"{base.text_tokens:,}"),
-                ("LLM positions", f"{b.llm_positions:,}", _delta(b.llm_positions, p and p.llm_positions),
-                 f"{base.llm_positions:,}")]
+        n_img = lambda x: x.input.count("+") + 1
+        rows = [["images in the prompt", f"{n_img(b)}", "" if p is None else _delta(n_img(b), n_img(p)), f"{n_img(base)}"],
+                ["grid (cols x rows)", grid(b), "" if p is None or grid(p) == grid(b) else f"was {grid(p)}", grid(base)]]
+        for label, attr in (("tiles to tokens", "tiles"), ("vision passes", "vit_passes"),
+                            ("visual tokens", "visual_tokens"), ("separators", "separators"),
+                            ("text tokens", "text_tokens"), ("LLM positions", "llm_positions")):
+            rows.append([label, f"{getattr(b, attr):,}", _delta(getattr(b, attr), p and getattr(p, attr)),
+                         f"{getattr(base, attr):,}"])
         for label, attr, _ in _PARTS:
-            rows.append((f"FLOPs {label}", human_flops(getattr(b, attr)),
-                         _delta(getattr(b, attr), p and getattr(p, attr), True), human_flops(getattr(base, attr))))
-        rows.append(("FLOPs total", human_flops(b.total_flops), _delta(b.total_flops, p and p.total_flops, True),
-                     human_flops(base.total_flops)))
-        td = f"padding:2px 8px;border-bottom:1px solid {_LINE};text-align:right;white-space:nowrap"
-        head = "".join(f"<th style='{td};color:{_FG2};font-weight:600'>{h}</th>"
-                       for h in ("", "this setting", "change", "resize"))
-        body = "".join(
-            f"<tr class='nvl-row'><td style='{td};text-align:left;color:{_FG1}'>{html.escape(r[0])}</td>"
-            f"<td style='{td};font-weight:600'>{r[1]}</td><td style='{td};font-size:12px'>{r[2]}</td>"
-            f"<td style='{td};color:{_FG2}'>{r[3]}</td></tr>" for r in rows)
-        return (f"<table class='nvl-budget' style='border-collapse:collapse;font-size:13px;line-height:1.5'>"
-                f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            rows.append([f"FLOPs {label}", human_flops(getattr(b, attr)),
+                         _delta(getattr(b, attr), p and getattr(p, attr), True), human_flops(getattr(base, attr))])
+        rows.append(["FLOPs total", human_flops(b.total_flops), _delta(b.total_flops, p and p.total_flops, True),
+                     human_flops(base.total_flops)])
+        return _table(["", "this setting", "change", "resize"], rows)
 
     def _chart_png(self) -> bytes:
         "Horizontal stacked FLOP bars: this setting, the preset as shipped, the resize baseline."
@@ -439,8 +589,9 @@ class TokenDashboard(W.VBox):
 
     # ---- display ----
     def __repr__(self) -> str:
-        b = self._budget
-        return (f"TokenDashboard({self.preset.value}, {self.image.value}: "
+        b, names = self._budget, self.prompt
+        what = names[0] if len(names) == 1 else f"{len(names)} images"
+        return (f"TokenDashboard({self.preset.value}, {what}: "
                 + (f"{b.visual_tokens} visual tokens, {b.vit_passes} vision passes)" if b else "no budget)"))
 
     def _repr_mimebundle_(self, **kwargs):
@@ -456,9 +607,11 @@ class TokenDashboard(W.VBox):
         buf = io.BytesIO()
         pic.save(buf, format="JPEG", quality=80)
         img = lambda data, mime: f"<img src='data:{mime};base64,{base64.b64encode(data).decode()}' style='max-width:100%'>"
-        settings = html.escape(f"{self.preset.value}, {self.image.value}, {_MODE_LABELS.get(self.mode.value)}, "
-                               f"scales {self.scales.value}, {self.compressor.value}, max tiles {self.max_tiles.value}, "
-                               f"{self.text_tokens.value} text tokens")
+        settings = html.escape(f"{self.preset.value}, {' + '.join(self.prompt)}"
+                               f"{' (every image tiled)' * bool(self.tile_all.value and len(self.prompt) > 1)}, "
+                               f"{_MODE_LABELS.get(self.mode.value)}, scales {self.scales.value}, {self.compressor.value}"
+                               f"{f' ({self.settings.value})' if self.settings.value else ''}, max tiles "
+                               f"{self.max_tiles.value}, {self.text_tokens.value} text tokens")
         return (f"<div><div style='color:{_FG2}'>Token-budget dashboard (static copy; run the notebook for the live "
                 f"controls): {settings}</div>{self.summary.value}"
                 f"<div style='display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start'>"
@@ -474,6 +627,12 @@ def build_token_dashboard(images: dict[str, Image.Image] | None = None, preset: 
 _TABLE2 = ((8, 1, 55.7), (32, 1, 61.0), (32, 4, 60.1), (256, 8, 64.0))  # NVILA-8B on Video-MME (facts, section 10)
 
 
+def _with_tail(cfg: NVILAConfig, average: bool) -> NVILAConfig:
+    "`cfg` whose temporal compressor averages a last, shorter group (the kit's extension) or refuses it (VILA's rule)."
+    kw = {k: v for k, v in cfg.temporal_kwargs.items() if k != "tail"}
+    return cfg.replace(temporal_kwargs=kw | {"tail": "average"} if average else kw)
+
+
 class VideoTokenDashboard(W.VBox):
     "An ipywidgets dashboard of one video's token budget: frames and temporal pooling -> tokens, positions, FLOPs."
 
@@ -483,12 +642,15 @@ class VideoTokenDashboard(W.VBox):
         self._refs: dict[str, TokenBudget] = {}
         self._cfg: NVILAConfig | None = None
         self._message = ""
+        self._holding = False
         wide, box = {"description_width": "90px"}, W.Layout(width="300px")
         self.preset = W.Dropdown(options=list_presets(), value=cfg.name, description="preset", style=wide, layout=box)
         self.frames = W.IntSlider(value=cfg.num_video_frames, min=1, max=512, description="frames",
                                   continuous_update=False, style=wide, layout=box)
         self.pool = W.IntSlider(value=cfg.temporal_pool, min=1, max=32, description="average p",
                                 continuous_update=False, style=wide, layout=box)
+        self.tail = W.Checkbox(value=cfg.temporal_kwargs.get("tail") == "average", indent=False,
+                               description="average a shorter last group (the kit's; VILA refuses)", layout=box)
         self.text_tokens = W.IntSlider(value=64, min=0, max=8192, step=64, description="text tokens",
                                        continuous_update=False, style=wide, layout=box)
         self.msg, self.summary, self.table = W.HTML(layout=box), W.HTML(), W.HTML()
@@ -498,21 +660,26 @@ class VideoTokenDashboard(W.VBox):
         self._ax = self._fig.add_subplot()
         heading = W.HTML(f"<b style='font-size:15px'>NVILA video token budget</b><br><span style='color:{_FG2}'>"
                          "frames read, frames averaged, tokens paid</span>")
-        controls = W.VBox([heading, self.preset, self.frames, self.pool, self.text_tokens, self.msg],
+        controls = W.VBox([heading, self.preset, self.frames, self.pool, self.tail, self.text_tokens, self.msg],
                           layout=W.Layout(width="314px", min_width="314px", padding="4px 14px 4px 0"))
         right = W.VBox([self.summary, W.HBox([self.table, self.chart], layout=W.Layout(flex_flow="row wrap",
                                                                                       grid_gap="14px"))])
         super().__init__([W.HBox([controls, right], layout=W.Layout(align_items="flex-start"))])
         self.add_class("nvl-video-dashboard")
         self.preset.observe(self._on_preset, "value")
-        for w in (self.frames, self.pool, self.text_tokens):
+        for w in (self.frames, self.pool, self.tail, self.text_tokens):
             w.observe(lambda change: self.refresh(), "value")
         self.refresh()
 
     @property
     def budget(self) -> TokenBudget:
-        "The `TokenBudget` shown now."
+        "The `TokenBudget` shown now (the last good one when the controls hold an error)."
         return self._budget
+
+    @property
+    def config(self) -> NVILAConfig:
+        "The config behind the current budget (its `temporal_kwargs` carry the tail rule)."
+        return self._cfg
 
     @property
     def references(self) -> dict[str, TokenBudget]:
@@ -521,53 +688,59 @@ class VideoTokenDashboard(W.VBox):
 
     @property
     def message(self) -> str:
-        "A warning about the current setting ('' when there is none)."
+        "An error or a warning about the current setting ('' when there is none)."
         return self._message
 
     def _on_preset(self, change) -> None:
         cfg = get_config(change["new"])
         self._holding = True
         self.frames.value, self.pool.value = cfg.num_video_frames, cfg.temporal_pool
+        self.tail.value = cfg.temporal_kwargs.get("tail") == "average"
         self._holding = False
         self.refresh()
 
     def refresh(self) -> None:
-        "Recompute the budgets from the controls and redraw."
-        if getattr(self, "_holding", False):
+        "Recompute the budgets from the controls and redraw; a setting the budget refuses keeps the last good state."
+        if self._holding:
             return
-        cfg, f, p, text = get_config(self.preset.value), self.frames.value, self.pool.value, self.text_tokens.value
-        self._cfg, self._budget = cfg, video_budget(f, cfg, p, text_tokens=text)
+        f, p, text = self.frames.value, self.pool.value, self.text_tokens.value
+        cfg = _with_tail(get_config(self.preset.value), self.tail.value)
+        try:
+            budget = video_budget(f, cfg, p, text_tokens=text)
+        except (ConfigError, ValueError) as e:  # VILA's rule: frames must be a multiple of p
+            self._show([str(e)])
+            return
+        self._cfg, self._budget = cfg, budget
         self._refs = {"no pooling": video_budget(f, cfg, 1, text_tokens=text),
                       "fewer frames, same tokens": video_budget(max(1, math.ceil(f / p)), cfg, 1, text_tokens=text)}
         notes = []
         if f % p:
-            notes.append(f"{f} frames are not a multiple of p={p}: the last group averages {f % p} frame(s) alone")
-        if self._budget.llm_positions > cfg.max_length:
-            notes.append(f"{self._budget.llm_positions:,} positions exceed the LLM's context of {cfg.max_length:,}")
-        self._message = "; ".join(notes)
-        self.msg.value = f"<div style='color:#a02020;font-size:12px'>{html.escape(self._message)}</div>"
-        self.summary.value = TokenDashboard._summary_html(self._budget, cfg)
+            notes.append(f"{f} frames are not a multiple of p={p}: the last group averages {f % p} frame(s) alone "
+                         "(the kit's extension; VILA refuses this)")
+        if budget.llm_positions > cfg.max_length:
+            notes.append(f"{budget.llm_positions:,} positions exceed the LLM's context of {cfg.max_length:,}")
+        self._show(notes)
+        self.summary.value = _summary_html(budget, cfg)
         self.table.value = self.table_html()
         self.chart.value = self._chart_png()
+
+    def _show(self, notes: list[str]) -> None:
+        self._message = "; ".join(notes)
+        self.msg.value = f"<div style='color:#a02020;font-size:12px'>{html.escape(self._message)}</div>"
 
     def table_html(self) -> str:
         "This setting beside the same frames unpooled and the fewer-frames setting of equal tokens."
         cols = [("this setting", self._budget)] + list(self._refs.items())
-        rows = [("frames read", lambda b: f"{b.vit_passes:,}"), ("visual tokens", lambda b: f"{b.visual_tokens:,}"),
-                ("separators", lambda b: f"{b.separators:,}"), ("LLM positions", lambda b: f"{b.llm_positions:,}")]
-        rows += [(f"FLOPs {label}", lambda b, a=attr: human_flops(getattr(b, a))) for label, attr, _ in _PARTS]
-        rows.append(("FLOPs total", lambda b: human_flops(b.total_flops)))
-        td = f"padding:2px 8px;border-bottom:1px solid {_LINE};text-align:right;white-space:nowrap"
-        head = "".join(f"<th style='{td};color:{_FG2};font-weight:600'>{html.escape(h)}</th>" for h in [""] + [c for c, _ in cols])
-        body = "".join(f"<tr class='nvl-row'><td style='{td};text-align:left;color:{_FG1}'>{label}</td>"
-                       + "".join(f"<td style='{td}{';font-weight:600' * (i == 0)}'>{fn(b)}</td>"
-                                 for i, (_, b) in enumerate(cols)) + "</tr>" for label, fn in rows)
-        return (f"<table class='nvl-budget' style='border-collapse:collapse;font-size:13px;line-height:1.5'>"
-                f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        rows = [("frames read", "vit_passes"), ("visual tokens", "visual_tokens"), ("separators", "separators"),
+                ("LLM positions", "llm_positions")]
+        cells = [[label] + [f"{getattr(b, attr):,}" for _, b in cols] for label, attr in rows]
+        cells += [[f"FLOPs {label}"] + [human_flops(getattr(b, attr)) for _, b in cols] for label, attr, _ in _PARTS]
+        cells.append(["FLOPs total"] + [human_flops(b.total_flops) for _, b in cols])
+        return _table([""] + [c for c, _ in cols], cells)
 
     def _chart_png(self) -> bytes:
         "Visual tokens against frames (log-log) without pooling and at this p; this setting and Table 2 marked."
-        cfg, p, ax = self._cfg, self.pool.value, self._ax
+        cfg, p, ax = _with_tail(self._cfg, True), self.pool.value, self._ax  # the curves pass through every frame count
         ax.clear()
         xs = [2 ** k for k in range(0, 10)]
         for q, style in ((1, "-"), (p, "--")) if p > 1 else ((1, "-"),):

@@ -22,7 +22,8 @@ pytest.importorskip("matplotlib")
 
 from nvila_lab.budget import image_budget  # noqa: E402
 from nvila_lab.config import list_presets  # noqa: E402
-from nvila_lab.dash import TokenDashboard, build_token_dashboard, default_images, human_flops, parse_scales  # noqa: E402
+from nvila_lab.dash import (TokenDashboard, build_token_dashboard, build_video_dashboard, default_images,  # noqa: E402
+                            human_flops, parse_scales, parse_settings, prompt_budget)
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -265,7 +266,7 @@ def test_video_dashboard_follows_video_budget_and_the_table2_settings():
     v = build_video_dashboard()
     try:
         assert v.budget == video_budget(256, "nvila-8b-video", 8, text_tokens=64)
-        for frames, pool in ((8, 1), (32, 1), (32, 4), (17, 4), (1, 32)):
+        for frames, pool in ((8, 1), (32, 1), (32, 4), (16, 4), (32, 32)):
             v.frames.value, v.pool.value = frames, pool
             assert v.budget == video_budget(frames, "nvila-8b-video", pool, text_tokens=64)
             assert bytes(v.chart.value).startswith(PNG_MAGIC)
@@ -274,8 +275,6 @@ def test_video_dashboard_follows_video_budget_and_the_table2_settings():
         assert v.references["fewer frames, same tokens"].visual_tokens == v.budget.visual_tokens == 2048
         assert v.references["no pooling"].vit_passes == v.budget.vit_passes == 32
         assert v.message == ""
-        v.frames.value = 33
-        assert "last group averages 1 frame(s) alone" in v.message
         v.text_tokens.value, v.frames.value, v.pool.value = 8192, 512, 1
         assert "exceed the LLM's context of 32,768" in v.message
         v.preset.value = "tiny-video"
@@ -285,8 +284,161 @@ def test_video_dashboard_follows_video_budget_and_the_table2_settings():
         v.close()
 
 
+def test_video_dashboard_follows_vilas_divisibility_rule_unless_asked():
+    "VILA refuses a frame count the pool does not divide; the kit's tail averaging is a visible, explicit option."
+    from nvila_lab.budget import video_budget
+    from nvila_lab.config import get_config
+    from nvila_lab.dash import build_video_dashboard
+    v = build_video_dashboard()
+    try:
+        v.frames.value, v.pool.value = 32, 4
+        good = v.budget
+        v.frames.value = 33
+        assert "do not divide into groups of 4" in v.message and v.budget == good
+        assert "#a02020" in v.msg.value
+        v.tail.value = True
+        assert "last group averages 1 frame(s) alone" in v.message and "VILA refuses" in v.message
+        cfg = get_config("nvila-8b-video", temporal_kwargs={"tail": "average"})
+        assert v.budget == video_budget(33, cfg, 4, text_tokens=64) and v.budget.visual_tokens == 9 * 256
+        v.frames.value = 32
+        assert v.message == "" and v.budget.visual_tokens == 8 * 256
+        v.tail.value = False
+        assert v.config.temporal_kwargs == {}
+    finally:
+        v.close()
+
+
 def test_video_dashboard_refuses_an_unknown_preset():
     from nvila_lab.config import ConfigError
     from nvila_lab.dash import build_video_dashboard
     with pytest.raises(ConfigError, match="unknown preset"):
         build_video_dashboard("nvila-8b-vidoe")
+
+
+# ---------------------------------------------------------------- several images, compressor settings, plug-ins
+def test_several_images_are_one_tile_each_unless_asked(dash):
+    with dash.hold():
+        dash.extra.value = ("panorama.png", "grace_hopper.jpg")
+    sizes = [dash.sizes[n] for n in dash.prompt]
+    assert dash.prompt == ["document.png", "panorama.png", "grace_hopper.jpg"]
+    assert [(b.vit_passes, b.visual_tokens, b.separators) for b in dash.image_budgets] == [(1, 256, 1)] * 3
+    assert (dash.budget.visual_tokens, dash.budget.llm_positions) == (768, 768 + 3 + 64)
+    assert dash.budget == prompt_budget(sizes, "nvila-8b", text_tokens=64)[0]
+    assert dash.references["resize baseline (1 tile)"].visual_tokens == 768  # VILA's rule is the resize baseline
+    assert "3 images" in repr(dash)
+    dash.tile_all.value = True
+    assert [b.visual_tokens for b in dash.image_budgets] == [image_budget(s, "nvila-8b").visual_tokens for s in sizes]
+    assert dash.budget.vit_passes == sum(image_budget(s, "nvila-8b").vit_passes for s in sizes)
+    assert "every image tiled" in dash.static_html()
+    dash.preset.value = "nvila-lite-2b"  # the same rule under another preset
+    assert dash.budget == prompt_budget(sizes, "nvila-lite-2b", tile_all=True, text_tokens=64)[0]
+    dash.tile_all.value = False
+    assert dash.budget.visual_tokens == 3 * 121
+    dash.extra.value = ("document.png",)  # the chosen image itself is not counted twice
+    assert dash.prompt == ["document.png"] and dash.tile_all.disabled and dash.budget.visual_tokens == 847
+
+
+def test_add_size_uses_the_kits_size_parser(dash):
+    import nvila_lab.dash as dash_module
+    from nvila_lab.tiling import MAX_SIDE, parse_size
+    assert dash_module.parse_size is parse_size  # the one parser, not a copy
+    assert not [n for n in vars(dash_module) if "size" in n.lower() and n.startswith("parse") and n != "parse_size"]
+    assert dash.add_size(" 2000X500 ") == "size 2000x500"
+    assert (dash.image.value, dash.budget.input, dash.budget.grid) == ("size 2000x500", "2000x500", (6, 2))
+    before = dash.budget
+    for bad, words in (("2000x", "not WIDTHxHEIGHT"), ("0x10", "at least 1 pixel"),
+                       (f"{MAX_SIDE + 1}x5", "at most")):
+        dash.add_size_box.value = bad
+        assert words in dash.message, dash.message
+        assert dash.budget == before and dash.add_size_box.value == bad  # kept, to correct it
+    dash.add_size_box.value = f"{MAX_SIDE}x{MAX_SIDE}"  # huge, yet only a small blank preview is drawn
+    assert dash.message == "" and dash.budget.input == f"{MAX_SIDE}x{MAX_SIDE}"
+    assert max(dash._previews[dash.image.value].size) <= 480
+
+
+def test_compressor_settings_are_shown_and_budgeted(dash):
+    from nvila_lab.config import get_config
+    assert dash.settings.value == "" and "Settings: none" in dash.compressor_info.value  # stc2x2 takes none
+    dash.compressor.value = "tokenlearner"
+    assert "n_tokens=121" in dash.compressor_info.value and dash.budget.visual_tokens == 12 * 121
+    dash.settings.value = "n_tokens=16"
+    assert dash.config.projector_kwargs == {"n_tokens": 16} and dash.budget.visual_tokens == 12 * 16
+    cfg = get_config("nvila-8b", projector="tokenlearner", projector_kwargs={"n_tokens": 16})
+    assert dash.budget == image_budget((1344, 896), cfg, text_tokens=64)
+    before = dash.budget
+    for bad, words in (("n_tokens=16 bogus=1", "bogus"), ("n_tokens", "KEY=VALUE"), ("n_tokens=0", "n_tokens")):
+        dash.settings.value = bad
+        assert words in dash.message and dash.budget == before, (bad, dash.message)
+    dash.compressor.value = "stc3x3"  # a new compressor starts from its defaults
+    assert dash.settings.value == "" and dash.message == "" and dash.budget.visual_tokens == 12 * 121
+
+
+def test_a_preset_with_compressor_settings_shows_them(monkeypatch, samples):
+    import nvila_lab.config as config
+    from nvila_lab.config import get_config
+    base = get_config("nvila-8b")
+    custom = base.replace(name="custom-tl", projector="tokenlearner", projector_kwargs={"n_tokens": 4})
+    real = config.get_config
+    import nvila_lab.dash as dash_module
+    monkeypatch.setattr(dash_module, "get_config", lambda name, **kw: custom.replace(**kw) if name == "custom-tl"
+                        else real(name, **kw))
+    monkeypatch.setattr(dash_module, "list_presets", lambda: config.list_presets() + ["custom-tl"])
+    d = build_token_dashboard(samples, preset="custom-tl")
+    try:
+        assert (d.compressor.value, d.settings.value) == ("tokenlearner", "n_tokens=4")
+        assert d.budget.visual_tokens == 12 * 4 and d.config.projector_kwargs == {"n_tokens": 4}
+    finally:
+        d.close()
+
+
+def test_plugin_compressors_appear_and_are_budgeted(dash):
+    import math
+    import torch
+    from nvila_lab.compress import COMPRESSORS, TokenCompressor, register_compressor
+
+    @register_compressor("test_rowpool")
+    class RowPool(TokenCompressor):
+        "Test plug-in: one token per row of patches."
+        def __init__(self, in_dim, out_dim, stride: int = 1):
+            super().__init__(in_dim, out_dim)
+            self.stride = stride
+            self.proj = torch.nn.Linear(in_dim, out_dim)
+        def output_grid(self, h, w):
+            return (math.ceil(h / self.stride), 1)
+        def forward(self, x):  # [N, h, w, C] -> [N, h/stride, D]
+            return self.proj(x[:, ::self.stride].mean(2))
+    try:
+        dash.text_tokens.value = 128  # any update re-reads the registry
+        assert "test_rowpool" in dash.compressor.options
+        dash.compressor.value = "test_rowpool"
+        assert dash.message == "" and dash.budget.visual_tokens == 12 * 32
+        assert "plug-in from" in dash.compressor_info.value and "stride=1" in dash.compressor_info.value
+        dash.settings.value = "stride=4"
+        assert dash.budget.visual_tokens == 12 * 8
+    finally:
+        del COMPRESSORS["test_rowpool"]
+
+
+def test_parse_settings():
+    assert parse_settings("n_tokens=9, hidden=64") == {"n_tokens": 9, "hidden": 64}
+    assert parse_settings("name=abc x=1.5 ok=False") == {"name": "abc", "x": 1.5, "ok": False}
+    for bad in ("=3", "n_tokens", "1x=2", "a=1, a=2"):
+        with pytest.raises(ValueError):
+            parse_settings(bad)
+
+
+@pytest.mark.parametrize("hidden", ["ipywidgets", "matplotlib"])
+def test_missing_lab_extra_is_one_line(hidden):
+    "Without ipywidgets or matplotlib, importing the dashboards raises MissingExtra: one line naming the extra."
+    code = (f"import sys; sys.modules[{hidden!r}] = None\n"
+            "import nvila_lab.dash\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("nvila_lab.config.MissingExtra: ") and hidden in last
+    assert "pip install 'nvila-lab[lab]'" in last
+    code = (f"import sys; sys.modules[{hidden!r}] = None\n"
+            "from nvila_lab.config import MissingExtra\n"
+            "try:\n    import nvila_lab.dash\nexcept MissingExtra as e:\n    print(str(e))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1, (r.stdout, r.stderr)
