@@ -17,9 +17,9 @@ from .config import ConfigError, NVILAConfig, did_you_mean, get_config
 from .tiling import TilePlan, parse_size, plan_image, plan_resize
 
 # %% auto #0
-__all__ = ['BUILTIN_ARITHMETIC', 'BUILTIN_ALIASES', 'TEMPORAL_SETTINGS', 'vit_flops_per_pass', 'llm_prefill_flops',
-           'image_pool_grid', 'segment_cost', 'grouped_frames', 'temporal_cost', 'TokenBudget', 'image_budget',
-           'video_budget', 'anyres_tokens', 'qwen2vl_tokens']
+__all__ = ['BUILTIN_ARITHMETIC', 'BUILTIN_ALIASES', 'TAILS', 'TEMPORAL_SETTINGS', 'vit_flops_per_pass', 'llm_prefill_flops',
+           'check_positive', 'image_pool_grid', 'segment_cost', 'grouped_frames', 'temporal_cost', 'TokenBudget',
+           'image_budget', 'video_budget', 'anyres_tokens', 'qwen2vl_tokens']
 
 # %% ../nbs/06_budget.ipynb #919e6c04
 def vit_flops_per_pass(cfg: NVILAConfig) -> int:
@@ -38,7 +38,8 @@ def llm_prefill_flops(cfg: NVILAConfig, positions: int) -> int:
     return cfg.llm_layers * layer + 2 * D * cfg.vocab_size
 
 # %% ../nbs/06_budget.ipynb #a20f4ce4
-def _positive(name: str, **values) -> None:
+def check_positive(name: str, **values) -> None:
+    "Raise `ValueError('<name>: <key> must be a positive integer, got ...')` for the first value that is not one."
     for k, v in values.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name}: {k} must be a positive integer, got {v!r}")
@@ -60,21 +61,21 @@ def _stc3x3(c, d, h, w, grid):
 
 
 def _avgpool(c, d, h, w, grid, k=2):
-    _positive("avgpool", k=k)
+    check_positive("avgpool", k=k)
     L = math.ceil(h / k) * math.ceil(w / k)
     return _per_tile(L, 2 * L * (c * d + d * d), grid)
 
 
 def _tokenlearner(c, d, h, w, grid, n_tokens=121, hidden=None):
     hidden = hidden or max(32, c // 4)
-    _positive("tokenlearner", n_tokens=n_tokens, hidden=hidden)
+    check_positive("tokenlearner", n_tokens=n_tokens, hidden=hidden)
     P, S = h * w, n_tokens
     return _per_tile(S, 2 * P * (c * hidden + hidden * S) + 2 * S * P * c + 2 * S * (c * d + d * d), grid)
 
 
 def _perceiver(c, d, h, w, grid, n_latents=121, depth=2, heads=8, dim=None, ff_mult=4):
     e = dim or d
-    _positive("perceiver", n_latents=n_latents, depth=depth, heads=heads, dim=e, ff_mult=ff_mult)
+    check_positive("perceiver", n_latents=n_latents, depth=depth, heads=heads, dim=e, ff_mult=ff_mult)
     if e % heads:
         raise ValueError(f"perceiver: dim {e} does not divide into {heads} heads; pass heads= a divisor of {e}")
     P, S = h * w, n_latents
@@ -83,13 +84,13 @@ def _perceiver(c, d, h, w, grid, n_latents=121, depth=2, heads=8, dim=None, ff_m
 
 
 def image_pool_grid(H: int, W: int, n_tokens: int) -> tuple[int, int]:
-    "(rows, cols) of at most `n_tokens` tokens for a map of H x W patches (the rule of `compress.image_pool_grid`)."
+    "(rows, cols) of at most `n_tokens` tokens for a map of H x W patches, following its aspect ratio (`imagepool`'s grid)."
     gr = min(H, n_tokens, max(1, round(math.sqrt(n_tokens * H / W))))
     return gr, min(W, max(1, n_tokens // gr))
 
 
 def _imagepool(c, d, h, w, grid, n_tokens=256):
-    _positive("imagepool", n_tokens=n_tokens)
+    check_positive("imagepool", n_tokens=n_tokens)
     gr, gc = image_pool_grid(grid[1] * h, grid[0] * w, n_tokens)  # one pool over the stitched segment
     return gr * gc, 2 * gr * gc * (c * d + d * d)
 
@@ -140,11 +141,13 @@ def segment_cost(cfg: NVILAConfig, grid: tuple[int, int], h: int | None = None, 
     return comp.segment_tokens(h, w, tuple(grid)), comp.segment_flops(h, w, tuple(grid))
 
 
+TAILS = ("raise", "average")  # VILA's rule (frames must be a multiple of the pool), the kit's extension
 TEMPORAL_SETTINGS = {"avg": {"tail"}, "keyframes": {"tail"}, "mixpool": {"tail", "dim"}}  # built-ins: tokens_per_frame(L) = L
 
 
 def grouped_frames(frames: int, pool: int, tail: str = "raise") -> int:
-    "Groups of `pool` frames in `frames` (VILA: a multiple, unless tail='average'); the rule of `temporal_compress.grouped_frames`."
+    """Groups of `pool` consecutive frames in `frames` frames. VILA's rule (`tail='raise'`): `frames` must be a
+    multiple of `pool`; with `tail='average'` a last, shorter group counts as one more (the kit's extension)."""
     if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
         raise ValueError(f"frames must be a positive integer, got {frames!r}")
     if frames % pool == 0:
@@ -164,8 +167,8 @@ def temporal_cost(cfg: NVILAConfig, pool: int, frames: int, tokens: int) -> tupl
     known = _builtin(name, "nvila_lab.temporal_compress", "TEMPORAL_COMPRESSORS", TEMPORAL_SETTINGS)
     if known is not None and set(kwargs) <= known:
         tail = kwargs.get("tail", "raise")
-        if tail not in ("raise", "average"):
-            raise ValueError(did_you_mean("tail rule", tail, ("raise", "average")))
+        if tail not in TAILS:
+            raise ValueError(did_you_mean("tail rule", tail, TAILS))
         return grouped_frames(frames, pool, tail), tokens
     from nvila_lab.temporal_compress import temporal_for  # a plug-in (or unknown settings: its own error)
     t = temporal_for(cfg, pool)

@@ -13,12 +13,13 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
+from .budget import check_positive, image_pool_grid  # pure-Python rules shared with the torch-free budget
 from .config import ConfigError, did_you_mean
 
 # %% auto #0
 __all__ = ['COMPRESSORS', 'space_to_channel', 'SpaceToChannel', 'TokenCompressor', 'count_flops', 'register_compressor',
            'compressor_class', 'build_compressor', 'available_compressors', 'STC2x2', 'STC3x3', 'AvgPoolCompressor',
-           'TokenLearnerCompressor', 'PerceiverResampler', 'image_pool_grid', 'ImagePoolCompressor']
+           'TokenLearnerCompressor', 'PerceiverResampler', 'ImagePoolCompressor']
 
 # %% ../nbs/04_compress.ipynb #3c141292
 def space_to_channel(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -202,18 +203,12 @@ def _mlp(in_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
 
 
-def _positive(name: str, **values) -> None:
-    for k, v in values.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name}: {k} must be a positive integer, got {v!r}")
-
-
 @register_compressor("avgpool")
 class AvgPoolCompressor(TokenCompressor):
     "Average each k x k block of patches (zero-padded like STC), then LN(C) -> Linear(C, D) -> GELU -> Linear(D, D)."
     def __init__(self, in_dim: int, out_dim: int, k: int = 2):
         super().__init__(in_dim, out_dim)
-        _positive("avgpool", k=k)
+        check_positive("avgpool", k=k)
         self.k = k
         self.mlp = _mlp(in_dim, out_dim)
 
@@ -238,7 +233,7 @@ class TokenLearnerCompressor(TokenCompressor):
     def __init__(self, in_dim: int, out_dim: int, n_tokens: int = 121, hidden: int | None = None):
         super().__init__(in_dim, out_dim)
         hidden = hidden or max(32, in_dim // 4)
-        _positive("tokenlearner", n_tokens=n_tokens, hidden=hidden)
+        check_positive("tokenlearner", n_tokens=n_tokens, hidden=hidden)
         self.n_tokens, self.hidden = n_tokens, hidden
         self.norm = nn.LayerNorm(in_dim)
         self.attn = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, n_tokens))
@@ -290,7 +285,7 @@ class PerceiverResampler(TokenCompressor):
                  dim: int | None = None, ff_mult: int = 4):
         super().__init__(in_dim, out_dim)
         dim = dim or out_dim
-        _positive("perceiver", n_latents=n_latents, depth=depth, heads=heads, dim=dim, ff_mult=ff_mult)
+        check_positive("perceiver", n_latents=n_latents, depth=depth, heads=heads, dim=dim, ff_mult=ff_mult)
         if dim % heads:
             raise ValueError(f"perceiver: dim {dim} does not divide into {heads} heads; pass heads= a divisor of {dim}")
         self.n_latents, self.depth, self.heads, self.dim, self.ff_mult = n_latents, depth, heads, dim, ff_mult
@@ -317,12 +312,6 @@ class PerceiverResampler(TokenCompressor):
         return super().extra_repr() + f", n_latents={self.n_latents}, depth={self.depth}, heads={self.heads}, dim={self.dim}"
 
 # %% ../nbs/04_compress.ipynb #f2ca92ad
-def image_pool_grid(H: int, W: int, n_tokens: int) -> tuple[int, int]:
-    "(rows, cols) of at most `n_tokens` tokens for a map of H x W patches, following its aspect ratio."
-    gr = min(H, n_tokens, max(1, round(math.sqrt(n_tokens * H / W))))
-    return gr, min(W, max(1, n_tokens // gr))
-
-
 @register_compressor("imagepool")
 class ImagePoolCompressor(TokenCompressor):
     "Whole image: adaptive-average-pool a segment's stitched map to <= `n_tokens` tokens, then LN -> Linear -> GELU -> Linear."
@@ -330,7 +319,7 @@ class ImagePoolCompressor(TokenCompressor):
 
     def __init__(self, in_dim: int, out_dim: int, n_tokens: int = 256):
         super().__init__(in_dim, out_dim)
-        _positive("imagepool", n_tokens=n_tokens)
+        check_positive("imagepool", n_tokens=n_tokens)
         self.n_tokens = n_tokens
         self.mlp = _mlp(in_dim, out_dim)
 

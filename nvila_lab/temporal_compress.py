@@ -7,21 +7,20 @@ Docs: https://nvila-lab.github.io/nvila-lab/temporal_compress.html.md"""
 # %% ../nbs/04a_temporal_compress.ipynb #76731b17
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from .budget import TAILS, grouped_frames  # the frame-group rule, pure Python, shared with the budget
 from .config import ConfigError, did_you_mean
 
 # %% auto #0
-__all__ = ['TEMPORAL_COMPRESSORS', 'TAILS', 'register_temporal', 'grouped_frames', 'TemporalCompressor', 'build_temporal',
-           'TemporalAverage', 'KeyFrames', 'MixPool', 'temporal_for']
+__all__ = ['TEMPORAL_COMPRESSORS', 'register_temporal', 'TemporalCompressor', 'build_temporal', 'TemporalAverage', 'KeyFrames',
+           'MixPool', 'temporal_for']
 
 # %% ../nbs/04a_temporal_compress.ipynb #74917fe2
 TEMPORAL_COMPRESSORS: dict[str, type] = {}
-TAILS = ("raise", "average")  # VILA's rule (frames must be a multiple of the pool), the kit's extension
 
 
 def register_temporal(cls: type) -> type:
@@ -30,21 +29,6 @@ def register_temporal(cls: type) -> type:
         raise TypeError(f"register_temporal expects a TemporalCompressor subclass, got {cls!r}")
     TEMPORAL_COMPRESSORS[cls.name] = cls
     return cls
-
-
-def grouped_frames(frames: int, pool: int, tail: str = "raise") -> int:
-    """Groups of `pool` consecutive frames in `frames` frames. VILA's rule (`tail='raise'`): `frames` must be a
-    multiple of `pool`; with `tail='average'` a last, shorter group counts as one more (the kit's extension)."""
-    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
-        raise ValueError(f"frames must be a positive integer, got {frames!r}")
-    if frames % pool == 0:
-        return frames // pool
-    if tail == "average":
-        return math.ceil(frames / pool)
-    lo, hi = frames // pool * pool, (frames // pool + 1) * pool
-    sample = f"{lo} or {hi}" if lo else f"{hi}"
-    raise ValueError(f"{frames} frames do not divide into groups of {pool} (VILA requires a multiple); sample {sample} "
-                     f"frames, or pass tail='average' to average a last, shorter group (the kit's extension)")
 
 
 class TemporalCompressor(nn.Module):
