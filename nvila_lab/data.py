@@ -7,10 +7,8 @@ Docs: https://nvila-lab.github.io/nvila-lab/data.html.md"""
 # %% ../nbs/09_data.ipynb #5d60d969
 from __future__ import annotations
 
-import difflib
 import functools
 import hashlib
-import importlib.util
 import json
 import warnings
 import zlib
@@ -19,9 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
-from .config import IMAGE_TOKEN, SYSTEM_PROMPT, VIDEO_TOKEN
+from .config import IMAGE_TOKEN, SYSTEM_PROMPT, VIDEO_TOKEN, did_you_mean
+from .images import font, font_file
 
 if TYPE_CHECKING:  # transformers is imported lazily, only by the tokenizer functions
     from transformers import PreTrainedTokenizerFast
@@ -29,10 +28,10 @@ if TYPE_CHECKING:  # transformers is imported lazily, only by the tokenizer func
 # %% auto #0
 __all__ = ['IMAGE_SIZE', 'TASKS', 'DEFAULT_TASKS', 'CODE_QUESTIONS', 'COUNT_QUESTIONS', 'COLOURS', 'COLOUR_QUESTIONS',
            'POSITIONS', 'POSITION_QUESTIONS', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'DatasetError', 'Task',
-           'register_task', 'get_task', 'font_file', 'make_read_code', 'make_count', 'make_colour', 'make_position',
-           'sample_rng', 'sample_id', 'make_sample', 'write_dataset', 'make_dataset', 'data_samples_dir',
-           'load_dataset', 'row_media', 'VQAFolder', 'SyntheticVQA', 'chat_messages', 'tokenizer_corpus',
-           'build_tokenizer', 'load_tokenizer']
+           'register_task', 'get_task', 'draw_page', 'pick', 'make_read_code', 'make_count', 'draw_shape', 'jitter',
+           'make_colour', 'make_position', 'sample_rng', 'sample_id', 'make_sample', 'write_dataset', 'make_dataset',
+           'data_samples_dir', 'load_dataset', 'row_media', 'VQAFolder', 'SyntheticVQA', 'chat_messages',
+           'tokenizer_corpus', 'build_tokenizer', 'load_tokenizer']
 
 # %% ../nbs/09_data.ipynb #722d64fc
 IMAGE_SIZE: tuple[int, int] = (256, 192)  # (W, H): tiny Dynamic-S2 cuts a 4x3 grid, as NVILA-8B does for 1344x896
@@ -84,9 +83,7 @@ def _task_lists(kind: str, name: str, questions: Iterable[str], answers: Iterabl
 def _lookup(registry: dict, task, kind: str = "task"):
     "`registry[task]`, or a `DatasetError` with a close-match hint (shared by image and video tasks)."
     if task not in registry:
-        hint = difflib.get_close_matches(str(task), registry, n=1)
-        raise DatasetError(f"unknown {kind} {task!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
-                           + f" {kind[0].upper() + kind[1:]}s: {', '.join(registry)}.")
+        raise DatasetError(did_you_mean(kind, task, registry))  # the kit's one "did you mean" message
     return registry[task]
 
 
@@ -95,34 +92,13 @@ def get_task(task: str | Task) -> Task:
     return task if isinstance(task, Task) else _lookup(TASKS, task)
 
 # %% ../nbs/09_data.ipynb #6e5abe44
-_SYSTEM_FONTS = ("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf", "/usr/share/fonts/dejavu/DejaVuSans-Bold.ttf",
-                 "/usr/share/fonts/TTF/DejaVuSans-Bold.ttf", "/Library/Fonts/DejaVuSans-Bold.ttf")
+# The font helpers live in nvila_lab.images (notebook 01): `font_file()` is DejaVuSans-Bold.ttf, matplotlib's
+# bundled copy first; `font(px)` loads it (Pillow's built-in font, with a warning, when it is missing).
+_font = font  # the old private name, still imported by nvila_lab.tower_pretrain
 
 
-@functools.lru_cache(maxsize=None)
-def font_file() -> str | None:
-    "Path of the DejaVuSans-Bold.ttf the code is printed with, or None when only Pillow's built-in font is available."
-    spec = importlib.util.find_spec("matplotlib")  # locates the package without importing it
-    candidates = [str(Path(p) / "mpl-data/fonts/ttf/DejaVuSans-Bold.ttf")
-                  for p in (spec.submodule_search_locations or [])] if spec else []
-    for path in candidates + list(_SYSTEM_FONTS):
-        if Path(path).is_file():
-            return path
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def _font(px: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    path = font_file()
-    if path is not None:
-        return ImageFont.truetype(path, px)
-    warnings.warn("DejaVuSans-Bold.ttf not found (install matplotlib or fonts-dejavu); using Pillow's built-in font, "
-                  "so read_code images differ from the shipped sample")
-    return ImageFont.load_default(px)
-
-
-def _page(rng: np.random.Generator, size: tuple[int, int]) -> tuple[Image.Image, ImageDraw.ImageDraw]:
-    "A light page with faint grey bars (pseudo-text lines) as background clutter."
+def draw_page(rng: np.random.Generator, size: tuple[int, int]) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    "A light page `size` = (W, H) with faint grey bars (pseudo-text lines) as clutter, drawn by `rng`: (image, its ImageDraw). Start every task image here."
     w, h = size
     tone = (244, 246, 250)[int(rng.integers(3))]
     img = Image.new("RGB", (w, h), (tone, tone, tone - 6))
@@ -139,7 +115,10 @@ def _page(rng: np.random.Generator, size: tuple[int, int]) -> tuple[Image.Image,
     return img, d
 
 
-def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
+_page = draw_page  # the old private name, still imported by nvila_lab.tower_pretrain
+
+
+def pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
     "One of `options` (a question paraphrase), drawn by `rng`."
     return options[int(rng.integers(len(options)))]
 
@@ -153,10 +132,10 @@ def make_read_code(code_length: int = 2, font_px: int = 14, snap: int = 8) -> Ca
         raise DatasetError(f"code_length must be 1..6, got {code_length}")
 
     def make(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE):
-        img, d = _page(rng, size)
+        img, d = draw_page(rng, size)
         code = "".join(str(int(c)) for c in rng.integers(0, 10, code_length))
-        font = _font(font_px)
-        l, t, r, b = d.textbbox((0, 0), code, font=font)
+        font_ = font(font_px)
+        l, t, r, b = d.textbbox((0, 0), code, font=font_)
         pad = 3
         bw, bh = r - l + 2 * pad, b - t + 2 * pad  # box around the ink
         if bw + 4 > size[0] or bh + 4 > size[1]:
@@ -169,8 +148,8 @@ def make_read_code(code_length: int = 2, font_px: int = 14, snap: int = 8) -> Ca
                                f"{size[0]}x{size[1]} image")
         x, y = int(rng.integers(lo, hx + 1)) * snap - pad, int(rng.integers(lo, hy + 1)) * snap - pad
         d.rectangle((x, y, x + bw, y + bh), fill=(255, 255, 255), outline=(40, 40, 40), width=1)
-        d.text((x + pad - l, y + pad - t), code, fill=(0, 0, 0), font=font)
-        return img, _pick(rng, CODE_QUESTIONS), code
+        d.text((x + pad - l, y + pad - t), code, fill=(0, 0, 0), font=font_)
+        return img, pick(rng, CODE_QUESTIONS), code
     return make
 
 
@@ -208,12 +187,12 @@ def _dot_cluster(rng: np.random.Generator, n: int, size: tuple[int, int]) -> lis
                [str(i) for i in range(1, 6)], fine=True)
 def make_count(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE):
     "A page with a cluster of 1-5 dark dots; the answer is the number as a digit."
-    img, d = _page(rng, size)
+    img, d = draw_page(rng, size)
     n = int(rng.integers(1, 6))
     for x, y, s in _dot_cluster(rng, n, size):
         g = int(rng.integers(20, 101))  # darkness varies; even the lightest dot is far darker than the clutter
         d.rectangle((x, y, x + s - 1, y + s - 1), fill=(g, g, g))
-    return img, _pick(rng, COUNT_QUESTIONS), str(n)
+    return img, pick(rng, COUNT_QUESTIONS), str(n)
 
 # %% ../nbs/09_data.ipynb #2de03fe0
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -225,7 +204,7 @@ POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 POSITION_QUESTIONS = ("Where is the shape?", "In which corner is the shape?", "Which part of the image is the shape in?")
 
 
-def _shape(d: ImageDraw.ImageDraw, kind: int, box: tuple[int, int, int, int], fill: tuple[int, int, int]) -> None:
+def draw_shape(d: ImageDraw.ImageDraw, kind: int, box: tuple[int, int, int, int], fill: tuple[int, int, int]) -> None:
     "Draw shape `kind` (0 square, 1 circle, 2 triangle, 3 diamond) filling `box` = (x0, y0, x1, y1)."
     x0, y0, x1, y1 = box
     if kind == 0:
@@ -238,26 +217,27 @@ def _shape(d: ImageDraw.ImageDraw, kind: int, box: tuple[int, int, int, int], fi
         d.polygon([((x0 + x1) // 2, y0), (x1, (y0 + y1) // 2), ((x0 + x1) // 2, y1), (x0, (y0 + y1) // 2)], fill=fill)
 
 
-def _jitter(rng: np.random.Generator, rgb: tuple[int, int, int], amount: int = 15) -> tuple[int, int, int]:
+def jitter(rng: np.random.Generator, rgb: tuple[int, int, int], amount: int = 15) -> tuple[int, int, int]:
+    "`rgb` with each channel moved by up to +-`amount` (drawn by `rng`), clipped to 0..255."
     return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in rgb)
 
 
 @register_task("colour", "name the colour of one big shape", COLOUR_QUESTIONS, list(COLOURS))
 def make_colour(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE):
     "A page with one big shape; the answer is its colour name."
-    img, d = _page(rng, size)
+    img, d = draw_page(rng, size)
     name = list(COLOURS)[int(rng.integers(len(COLOURS)))]
     w, h = size
     side = int(rng.integers(int(0.47 * h), int(0.78 * h) + 1))
     x, y = int(rng.integers(4, w - side - 3)), int(rng.integers(4, h - side - 3))
-    _shape(d, int(rng.integers(4)), (x, y, x + side, y + side), _jitter(rng, COLOURS[name]))
-    return img, _pick(rng, COLOUR_QUESTIONS), name
+    draw_shape(d, int(rng.integers(4)), (x, y, x + side, y + side), jitter(rng, COLOURS[name]))
+    return img, pick(rng, COLOUR_QUESTIONS), name
 
 
 @register_task("position", "say which quadrant holds one shape", POSITION_QUESTIONS, list(POSITIONS))
 def make_position(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE):
     "A page with one shape inside one quadrant; the answer is the quadrant ('top left', ...)."
-    img, d = _page(rng, size)
+    img, d = draw_page(rng, size)
     k = int(rng.integers(4))
     w, h = size
     side = int(rng.integers(int(0.21 * h), int(0.36 * h) + 1))
@@ -265,8 +245,8 @@ def make_position(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE):
     x = qx + int(rng.integers(4, w // 2 - side - 3))
     y = qy + int(rng.integers(4, h // 2 - side - 3))
     colour = list(COLOURS.values())[int(rng.integers(len(COLOURS)))]
-    _shape(d, int(rng.integers(4)), (x, y, x + side, y + side), _jitter(rng, colour))
-    return img, _pick(rng, POSITION_QUESTIONS), POSITIONS[k]
+    draw_shape(d, int(rng.integers(4)), (x, y, x + side, y + side), jitter(rng, colour))
+    return img, pick(rng, POSITION_QUESTIONS), POSITIONS[k]
 
 # %% ../nbs/09_data.ipynb #0ca57f71
 def sample_rng(task: str, seed: int, index: int) -> np.random.Generator:
@@ -488,17 +468,22 @@ class SyntheticVQA:
 
 # %% ../nbs/09_data.ipynb #802896ea
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN, VIDEO_TOKEN)
-# Qwen2's template, with this kit's system prompt. A turn ends at <|im_end|>; "\n" separates turns.
+# VILA's Qwen2 template (NVlabs/VILA llava/model/language_model/chat_templates/qwen2.jinja), with this kit's
+# system prompt: every turn, the last one included, ends with "<|im_end|>\n".
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if loop.first and message['role'] != 'system' -%}"
     "{{ '<|im_start|>system\\n" + SYSTEM_PROMPT + "<|im_end|>\\n' }}"
     "{%- endif -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' }}"
-    "{%- if not loop.last or add_generation_prompt -%}{{ '\\n' }}{%- endif -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
+# The template tokenizers saved by earlier versions of the kit carry (no newline after the last turn's <|im_end|>):
+# `load_tokenizer` replaces exactly this text by CHAT_TEMPLATE.
+_OLD_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "'<|im_end|>\\n' }}{%- endfor -%}",
+    "'<|im_end|>' }}{%- if not loop.last or add_generation_prompt -%}{{ '\\n' }}{%- endif -%}{%- endfor -%}")
 
 
 def chat_messages(question: str, answer: str | None = None, media: str | None = IMAGE_TOKEN) -> list[dict]:
@@ -509,9 +494,9 @@ def chat_messages(question: str, answer: str | None = None, media: str | None = 
 
 def _render(msgs: list[dict], add_generation_prompt: bool = False) -> str:
     "The chat template in plain Python (used to make the training corpus without transformers)."
-    out = [] if msgs[0]["role"] == "system" else [f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>"]
-    out += [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>" for m in msgs]
-    return "\n".join(out) + ("\n<|im_start|>assistant\n" if add_generation_prompt else "")
+    out = "" if msgs[0]["role"] == "system" else f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
+    out += "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
+    return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
 def tokenizer_corpus(tasks: Iterable[str] | None = None) -> list[str]:
@@ -542,11 +527,35 @@ def build_tokenizer(tasks: Iterable[str] | None = None, vocab_size: int = 1024) 
         clean_up_tokenization_spaces=False, model_max_length=4096)
 
 
+def _token_text(t) -> str:
+    "A special token as saved: a string, or an AddedToken dict {'content': ...}."
+    return t["content"] if isinstance(t, dict) else str(t)
+
+
 def load_tokenizer(path: str | Path | None = None) -> "PreTrainedTokenizerFast":
-    "The tokenizer saved in `path` (default: the shipped `data_samples/tokenizer/`)."
+    """The tokenizer saved in `path` (default: the shipped `data_samples/tokenizer/`), the same on every transformers
+    from 4.46 to 5.x: it is built from `tokenizer.json` plus the few settings this function reads itself from
+    `tokenizer_config.json` (special tokens as transformers 4 or 5 writes them) and `chat_template.jinja`, rather
+    than letting each version parse a config the other wrote (transformers 4.57 cannot read 5's)."""
     from transformers import PreTrainedTokenizerFast
     path = Path(path) if path is not None else data_samples_dir() / "tokenizer"
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer in {path} (no tokenizer.json). A pip-installed nvila-lab has no "
                                 "data_samples/: build one with build_tokenizer().save_pretrained(folder) and pass that folder")
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
+    cfg_file = path / "tokenizer_config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{cfg_file}: not valid JSON ({e.msg}); re-save the tokenizer with save_pretrained") from None
+    extra = cfg.get("additional_special_tokens") or cfg.get("extra_special_tokens") or []  # transformers 4 / 5 names
+    extra = list(extra.values()) if isinstance(extra, dict) else list(extra)  # 4.x may write a {name: token} dict
+    template = cfg.get("chat_template")
+    if template is None and (path / "chat_template.jinja").is_file():  # transformers >= 4.50 writes it beside
+        template = (path / "chat_template.jinja").read_text()
+    if template == _OLD_CHAT_TEMPLATE:
+        template = CHAT_TEMPLATE  # an earlier kit's template: the last turn now ends with "\n", as in VILA
+    kw = {k: _token_text(cfg[k]) for k in ("bos_token", "eos_token", "unk_token", "pad_token") if cfg.get(k)}
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(path / "tokenizer.json"), additional_special_tokens=[_token_text(t) for t in extra],
+        chat_template=template, clean_up_tokenization_spaces=cfg.get("clean_up_tokenization_spaces", False),
+        model_max_length=cfg.get("model_max_length", 4096), **kw)

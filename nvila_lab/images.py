@@ -7,6 +7,8 @@ Docs: https://nvila-lab.github.io/nvila-lab/images.html.md"""
 # %% ../nbs/01_images.ipynb #fb31081a
 from __future__ import annotations
 
+import functools
+import importlib.util
 import io
 import struct
 import threading
@@ -15,12 +17,11 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # %% auto #0
-__all__ = ['ImageLike', 'DEFAULT_MAX_PIXELS', 'SIGLIP_MEAN', 'SIGLIP_STD', 'ImageError', 'load_image', 'preprocess',
-           'make_document_image', 'make_panorama_image', 'make_sample_images']
+__all__ = ['ImageLike', 'DEFAULT_MAX_PIXELS', 'SIGLIP_MEAN', 'SIGLIP_STD', 'FONT_DIRS', 'ImageError', 'load_image', 'preprocess',
+           'font_file', 'font', 'make_document_image', 'make_panorama_image', 'make_sample_images']
 
 # %% ../nbs/01_images.ipynb #579792d0
 ImageLike = Union[str, Path, bytes, Image.Image, np.ndarray]
@@ -144,8 +145,9 @@ SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
-def preprocess(images: list[Image.Image] | Image.Image, image_size: int = 448) -> torch.Tensor:
+def preprocess(images: list[Image.Image] | Image.Image, image_size: int = 448) -> "torch.Tensor":
     "SigLIP preprocessing of RGB `images`: bicubic resize to `image_size`, scale to [0,1], normalise -> [N, 3, S, S] float32."
+    import torch  # imported here, so loading images (and the data module drawing them) needs no torch
     if isinstance(images, Image.Image):
         images = [images]
     if len(images) == 0:
@@ -163,20 +165,31 @@ def preprocess(images: list[Image.Image] | Image.Image, image_size: int = 448) -
     return out
 
 # %% ../nbs/01_images.ipynb #8d0a9777
-def _font(size: int):
+FONT_DIRS = ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/dejavu", "/usr/share/fonts/TTF", "/Library/Fonts")
+
+
+@functools.lru_cache(maxsize=None)
+def font_file(name: str = "DejaVuSans-Bold.ttf") -> str | None:
+    """Path of the font file `name`, looked up in a fixed order: matplotlib's bundled copy first (found without
+    importing matplotlib: the same file on every machine with the same matplotlib), then `FONT_DIRS`; None if absent."""
+    spec = importlib.util.find_spec("matplotlib")
+    dirs = [Path(p) / "mpl-data/fonts/ttf" for p in (spec.submodule_search_locations or [])] if spec else []
+    for d in dirs + [Path(d) for d in FONT_DIRS]:
+        if (d / name).is_file():
+            return str(d / name)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def font(px: int, name: str = "DejaVuSans-Bold.ttf"):
+    "The font `name` at `px` pixels (see `font_file`), or Pillow's built-in font with a warning when it is not found."
     from PIL import ImageFont
-    for name in ("DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"):
-        try:
-            return ImageFont.truetype(name, size)
-        except OSError:
-            pass
-    import importlib.util
-    spec = importlib.util.find_spec("matplotlib")  # its bundled DejaVu font, found without importing matplotlib
-    if spec is not None and spec.submodule_search_locations:
-        ttf = Path(list(spec.submodule_search_locations)[0]) / "mpl-data/fonts/ttf/DejaVuSans.ttf"
-        if ttf.exists():
-            return ImageFont.truetype(str(ttf), size)
-    return ImageFont.load_default(size)
+    path = font_file(name)
+    if path is not None:
+        return ImageFont.truetype(path, px)
+    warnings.warn(f"{name} not found (install matplotlib or fonts-dejavu); using Pillow's built-in font, so drawn "
+                  "images differ from the shipped samples")
+    return ImageFont.load_default(px)
 
 
 def make_document_image(width: int = 1344, height: int = 896, seed: int = 0) -> Image.Image:
@@ -185,16 +198,16 @@ def make_document_image(width: int = 1344, height: int = 896, seed: int = 0) -> 
     rng = np.random.default_rng(seed)
     img = Image.new("RGB", (width, height), (250, 248, 240))
     d = ImageDraw.Draw(img)
-    d.text((40, 30), "Quarterly report: visual tokens", fill=(20, 20, 60), font=_font(40))
+    d.text((40, 30), "Quarterly report: visual tokens", fill=(20, 20, 60), font=font(40, "DejaVuSans.ttf"))
     words = ["tokens", "tiles", "scale", "compress", "SigLIP", "Qwen2", "budget", "latency", "FP8", "prune"]
-    small = _font(14)
+    small = font(14, "DejaVuSans.ttf")
     for row in range(int((height - 200) / 22)):
         line = " ".join(rng.choice(words, size=int(width / 80)))
         d.text((40, 100 + 22 * row), line, fill=(90, 90, 90), font=small)
     code = "".join(rng.choice(list("ABCDEFGHJKLMNPQRSTUVWXYZ23456789"), size=6))
     x, y = width - 150, height - 60
     d.rectangle((x - 8, y - 6, x + 120, y + 26), outline=(200, 30, 30), width=2)
-    d.text((x, y), code, fill=(200, 30, 30), font=_font(18))
+    d.text((x, y), code, fill=(200, 30, 30), font=font(18, "DejaVuSans.ttf"))
     return img
 
 

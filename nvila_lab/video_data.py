@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .data import (COLOURS, TASKS, DatasetError, _jitter, _lookup, _page, _pick, _plan, _shape, _task_lists,
+from .data import (COLOURS, TASKS, DatasetError, jitter, _lookup, draw_page, pick, _plan, draw_shape, _task_lists,
                             data_samples_dir, load_dataset, sample_id, sample_rng, write_dataset)
 from .video import sample_indices, write_video
 
@@ -84,14 +84,14 @@ DIRECTIONS = ("left", "right", "up", "down")
 
 def _still(rng: np.random.Generator, n_frames: int) -> np.ndarray:
     "A still background clip [T, 64, 64, 3]: the light page with faint bars of nvila_lab.data, in every frame."
-    page, _ = _page(rng, (VIDEO_SIZE, VIDEO_SIZE))
+    page, _ = draw_page(rng, (VIDEO_SIZE, VIDEO_SIZE))
     return np.repeat(np.asarray(page)[None], n_frames, axis=0)  # [T, 64, 64, 3]
 
 
 def _shape_mask(kind: int, box: tuple[int, int, int, int]) -> np.ndarray:
     "Boolean mask [64, 64] of shape `kind` (data._shape: 0 square, 1 circle, 2 triangle, 3 diamond) in `box`."
     m = Image.new("L", (VIDEO_SIZE, VIDEO_SIZE), 0)
-    _shape(ImageDraw.Draw(m), kind, box, 255)
+    draw_shape(ImageDraw.Draw(m), kind, box, 255)
     return np.asarray(m) > 127
 
 
@@ -107,8 +107,8 @@ def make_flash(rng: np.random.Generator, n_frames: int = VIDEO_FRAMES):
     s = starts[int(rng.integers(len(starts)))]
     side = int(rng.integers(24, 37))
     x, y = int(rng.integers(2, VIDEO_SIZE - side - 1)), int(rng.integers(2, VIDEO_SIZE - side - 1))
-    frames[s:s + 2, y:y + side, x:x + side] = _jitter(rng, COLOURS[name])  # frames s, s+1 only
-    return frames, _pick(rng, FLASH_QUESTIONS), name
+    frames[s:s + 2, y:y + side, x:x + side] = jitter(rng, COLOURS[name])  # frames s, s+1 only
+    return frames, pick(rng, FLASH_QUESTIONS), name
 
 
 @register_video_task("order", "say which of two shapes, shown one after the other, came first", ORDER_QUESTIONS, list(COLOURS))
@@ -126,8 +126,8 @@ def make_order(rng: np.random.Generator, n_frames: int = VIDEO_FRAMES):
         side = int(rng.integers(18, 29))
         x, y = int(rng.integers(2, VIDEO_SIZE - side - 1)), int(rng.integers(2, VIDEO_SIZE - side - 1))
         mask = _shape_mask(int(rng.integers(4)), (x, y, x + side, y + side))  # [64, 64]
-        frames[t0:t1, mask] = _jitter(rng, COLOURS[names[c]])
-    return frames, _pick(rng, ORDER_QUESTIONS), names[c1]
+        frames[t0:t1, mask] = jitter(rng, COLOURS[names[c]])
+    return frames, pick(rng, ORDER_QUESTIONS), names[c1]
 
 
 @register_video_task("direction", "say which way a dot moves (left, right, up, down)", DIRECTION_QUESTIONS, list(DIRECTIONS))
@@ -146,7 +146,7 @@ def make_direction(rng: np.random.Generator, n_frames: int = VIDEO_FRAMES):
         p = int(np.floor(a + (b - a) * t / (n_frames - 1) + 0.5))
         x, y = (p, other) if way in ("left", "right") else (other, p)
         frames[t, y:y + s, x:x + s] = grey
-    return frames, _pick(rng, DIRECTION_QUESTIONS), way
+    return frames, pick(rng, DIRECTION_QUESTIONS), way
 
 # %% ../nbs/13_video_data.ipynb #2a935d3b
 def make_video_sample(task: str | VideoTask, seed: int = 0, index: int = 0, n_frames: int = VIDEO_FRAMES) -> dict:

@@ -224,7 +224,74 @@ def test_chat_template(tok):
     assert prompt == ("<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\n<image>"
                       "Count the dots.<|im_end|>\n<|im_start|>assistant\n")
     full = tok.apply_chat_template(chat_messages("Count the dots.", "4"), tokenize=False)
-    assert full == prompt + "4<|im_end|>"
+    assert full == prompt + "4<|im_end|>\n"  # VILA's Qwen2 training template: a newline after the last <|im_end|>
+
+
+def test_chat_template_is_vilas_qwen2_template():
+    """Rendered with jinja2 against the text of VILA's qwen2.jinja (NVlabs/VILA, written out here by hand):
+    each message '<|im_start|>' + role + '\\n' + content + '<|im_end|>\\n'; a default system turn first."""
+    import jinja2
+    from nvila_lab.data import CHAT_TEMPLATE
+    vila = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n' }}"
+            "{% endif %}{% for message in messages if message['content'] is not none %}"
+            "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    env = jinja2.Environment()
+    for msgs in (chat_messages("Q?", "A"), chat_messages("Q?")):
+        for gen in (False, True):
+            ours = env.from_string(CHAT_TEMPLATE).render(messages=msgs, add_generation_prompt=gen)
+            assert ours == env.from_string(vila).render(messages=msgs, add_generation_prompt=gen)
+    assert ours.endswith("<|im_start|>assistant\n")
+
+
+def test_load_tokenizer_reads_transformers4_and_5_layouts(tok, tmp_path):
+    """A transformers-4 folder (additional_special_tokens, AddedToken dicts, template in the config) and a
+    transformers-5 one (extra_special_tokens list, chat_template.jinja beside) load to the same tokenizer."""
+    import shutil
+    from nvila_lab.data import CHAT_TEMPLATE, _OLD_CHAT_TEMPLATE, data_samples_dir
+    src = data_samples_dir() / "tokenizer"
+    v4 = tmp_path / "v4"
+    v4.mkdir()
+    shutil.copy(src / "tokenizer.json", v4)
+    (v4 / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": {"content": "<|im_end|>", "special": True}, "pad_token": "<|endoftext|>",
+        "additional_special_tokens": ["<|im_start|>", "<image>", "<vila/video>"], "chat_template": _OLD_CHAT_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 4096}))
+    a = load_tokenizer(v4)
+    text = tokenizer_corpus()[5]
+    assert a.encode(text) == tok.encode(text) and a.eos_token == "<|im_end|>" and a.pad_token == "<|endoftext|>"
+    assert a.chat_template == tok.chat_template == CHAT_TEMPLATE  # the old template is brought up to date
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(src / "tokenizer.json", bad)
+    (bad / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(DatasetError, match="not valid JSON"):
+        load_tokenizer(bad)
+
+
+def test_unknown_task_uses_the_kits_message():
+    from nvila_lab.config import did_you_mean
+    from nvila_lab.data import get_task
+    with pytest.raises(DatasetError) as e:
+        get_task("cuont")
+    assert str(e.value) == did_you_mean("task", "cuont", TASKS)
+
+
+def test_public_drawing_api_makes_a_task():
+    """A task registered with the public helpers only (no private names) works end to end."""
+    from nvila_lab.data import COLOURS, draw_page, draw_shape, jitter, pick, register_task
+    @register_task("_boxes", "one square", ["Is there a square?"], ["yes"])
+    def make(rng, size=IMAGE_SIZE):
+        img, d = draw_page(rng, size)
+        draw_shape(d, 0, (10, 10, 40, 40), jitter(rng, COLOURS["red"]))
+        return img, pick(rng, ("Is there a square?",)), "yes"
+    try:
+        s = make_sample("_boxes", seed=1, index=2)
+        px = np.asarray(s["image"])[25, 25].astype(int)
+        assert abs(px - np.array(COLOURS["red"])).max() <= 15 and s["answer"] == "yes"  # the square, jittered
+        assert make_sample("_boxes", seed=1, index=2)["image"].tobytes() == s["image"].tobytes()
+    finally:
+        del TASKS["_boxes"]
 
 
 def test_shipped_tokenizer_is_what_build_makes(tok):

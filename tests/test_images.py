@@ -392,3 +392,22 @@ def test_array_of_unsupported_dtype(dtype):
         assert dtype in str(e)
         return
     assert (img.mode, img.size) == ("RGB", (4, 4))
+
+
+def test_one_font_helper_for_the_kit():
+    """images.font/font_file are the kit's font helpers; the data module uses the same ones (no copy)."""
+    import nvila_lab.data as data
+    from nvila_lab import images
+    assert data.font is images.font and data.font_file is images.font_file
+    assert data.font_file().endswith("DejaVuSans-Bold.ttf")
+    with pytest.warns(UserWarning, match="no-such-font.ttf not found"):
+        f = images.font.__wrapped__(12, "no-such-font.ttf")  # uncached call: Pillow's built-in font
+    assert f is not None and images.font_file("no-such-font.ttf") is None
+
+
+def test_images_module_imports_no_torch():
+    import subprocess
+    import sys
+    code = "import sys, nvila_lab.images, nvila_lab.data; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
