@@ -231,7 +231,7 @@ class TokenDashboard(W.VBox):
         self.image = W.Dropdown(options=self._image_options(), value=first, description="image", style=wide, layout=box)
         self.extra = W.SelectMultiple(options=self._image_options(), value=(), rows=3, description="+ in prompt",
                                       style=wide, layout=box)
-        self.tile_all = W.Checkbox(value=False, description="tile every image (the kit's option; VILA: 1 tile each)",
+        self.tile_all = W.Checkbox(value=False, description="tile every image (VILA: one each)",
                                    indent=False, layout=W.Layout(width="300px"))
         self.upload = W.FileUpload(accept="image/*", multiple=False, description="upload image",
                                    layout=W.Layout(width="300px"))

@@ -1,9 +1,10 @@
 """The token-budget dashboard in a real browser: JupyterLab + Debian's chromium, driven by Playwright.
 
 Starts JupyterLab on a free port of 127.0.0.1 over a temporary folder holding one small notebook, runs it,
-moves the max-tiles slider with the keyboard and picks another preset, and checks that the visual-token
-count on the page follows. Needs chromium from the system (`apt-get install -y chromium`); Playwright's own
-browser download is never used. Set NVILA_BROWSER_SCREENSHOT=/some/file.png to keep a screenshot.
+moves the max-tiles slider with the keyboard, picks another preset, adds a second image to the prompt and ticks
+"tile every image", and checks that the visual-token count on the page follows. Needs chromium from the system
+(`apt-get install -y chromium`); Playwright's own browser download is never used. Set
+NVILA_BROWSER_SCREENSHOT=/some/file.png to keep a screenshot.
 """
 from __future__ import annotations
 
@@ -125,6 +126,15 @@ def chromium() -> str:
     return path
 
 
+def _tile_all_tokens() -> int:
+    "Visual tokens of the document and the panorama, each tiled on its own under NVILA-Lite (the checkbox's option)."
+    from nvila_lab.budget import image_budget
+    return image_budget((1344, 896), "nvila-lite-2b").visual_tokens + image_budget((1600, 400), "nvila-lite-2b").visual_tokens
+
+
+TILE_ALL_TOKENS = _tile_all_tokens()
+
+
 @pytest.mark.browser
 def test_dashboard_updates_in_jupyterlab(chromium, lab, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
@@ -158,6 +168,15 @@ def test_dashboard_updates_in_jupyterlab(chromium, lab, tmp_path):
             page.wait_for_function("document.querySelector('.nvl-token-dashboard .nvl-tokens').textContent === '847'",
                                    timeout=15_000)
             assert "847" in page.locator(".nvl-token-dashboard table.nvl-budget").inner_text()
+
+            # a second image in the same prompt: VILA's rule, one tile each (2 x 121 tokens under NVILA-Lite)
+            page.locator(".nvl-token-dashboard .widget-select-multiple select").select_option(label="panorama.png  (1600x400)")
+            page.wait_for_function("document.querySelector('.nvl-token-dashboard .nvl-tokens').textContent === '242'",
+                                   timeout=15_000)
+            # the checkbox tiles every image instead (the kit's option): 847 + the panorama's own Lite tiling
+            page.locator(".nvl-token-dashboard .widget-checkbox input").check()
+            page.wait_for_function("document.querySelector('.nvl-token-dashboard .nvl-tokens').textContent === '"
+                                   f"{TILE_ALL_TOKENS:,}'", timeout=15_000)
 
             page.wait_for_timeout(300)  # let the images settle for the screenshot
             shot = os.environ.get("NVILA_BROWSER_SCREENSHOT") or str(tmp_path / "dashboard.png")
