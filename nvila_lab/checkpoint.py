@@ -26,16 +26,18 @@ from .compress import TokenCompressor, build_compressor, compressor_class
 from .config import PRESETS, ConfigError, NVILAConfig
 from .encoder import ImageEncoder
 from .model import MEDIA_TOKENS, NVILAModel, build_llm
-from .vision import build_vision_tower
+from .temporal_compress import TEMPORAL_COMPRESSORS, TemporalCompressor, temporal_for
+from .vision import build_vision_tower, check_merge_index
 
 # %% auto #0
-__all__ = ['PARTS', 'NVILA_PROJECTOR_TYPES', 'SENTINEL_TOKEN', 'VISION_PREFIX', 'PICKLE_SUFFIXES', 'CheckpointError',
-           'expected_keys', 'vision_config_dict', 'preprocessor_config_dict', 'projector_config_dict',
-           'llm_config_dict', 'root_config_dict', 'projector_kwargs_of', 'save_nvila', 'checkpoint_config',
-           'add_media_tokens', 'load_nvila', 'inspect_checkpoint']
+__all__ = ['PARTS', 'TEMPORAL_DIR', 'NVILA_PROJECTOR_TYPES', 'SENTINEL_TOKEN', 'VISION_PREFIX', 'PICKLE_SUFFIXES',
+           'CheckpointError', 'expected_keys', 'temporal_keys', 'vision_config_dict', 'preprocessor_config_dict',
+           'projector_config_dict', 'llm_config_dict', 'root_config_dict', 'projector_kwargs_of', 'save_nvila',
+           'checkpoint_config', 'add_media_tokens', 'load_nvila', 'inspect_checkpoint']
 
 # %% ../nbs/08_checkpoint.ipynb #23a2f12b
-PARTS = ("llm", "vision_tower", "mm_projector")
+PARTS = ("llm", "vision_tower", "mm_projector")  # what VILA reads (its config's llm_cfg, vision_tower_cfg, mm_projector_cfg)
+TEMPORAL_DIR = "temporal_compressor"  # the kit's own part: a learned temporal compressor's weights; VILA never opens it
 NVILA_PROJECTOR_TYPES = {"stc2x2": "mlp_downsample", "stc3x3": "mlp_downsample_3x3_fix"}  # kit name -> VILA name
 SENTINEL_TOKEN = "<vila/sentinel>"  # VILA adds it before the media tokens when it loads a tokenizer
 VISION_PREFIX = "vision_model."  # released vision_tower/ keys carry it (transformers 4 layout)
@@ -78,30 +80,44 @@ def _disk_state(part: str, module: nn.Module) -> dict[str, torch.Tensor]:
     return dict(sd)
 
 
-def _build_parts(cfg: NVILAConfig, projector_kwargs: dict | None = None, device="meta", dtype=torch.float32,
-                 empty: bool = True) -> dict[str, nn.Module]:
-    """The three modules of `cfg`. `device='meta'` allocates nothing; `empty=True` on a real device leaves the
+def _shapes(module: nn.Module, part: str | None = None) -> dict[str, tuple[int, ...]]:
+    "{key: shape} of a module (as stored on disk for `part`)."
+    sd = _disk_state(part, module) if part else module.state_dict()
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def _diff(got: dict, want: dict) -> list[str]:
+    "Keys present on one side only, else those whose shapes differ."
+    return sorted(set(got) ^ set(want)) or [k for k in got if got[k] != want.get(k)]
+
+
+def _build_parts(cfg: NVILAConfig, device="meta", dtype=torch.float32, empty: bool = True) -> dict[str, nn.Module]:
+    """The three modules of `cfg` (the projector from `cfg.projector_kwargs`). `device='meta'` allocates nothing; `empty=True` on a real device leaves the
     parameters on `meta` (buffers such as RoPE frequencies are real) for `load_state_dict(assign=True)`."""
     def make():
         tower = build_vision_tower(cfg, dtype=dtype, device=device, seed=None)
         with torch.device(device):
-            proj = build_compressor(cfg.projector, cfg.mm_hidden, cfg.llm_hidden, **(projector_kwargs or {}))
+            proj = build_compressor(cfg.projector, cfg.mm_hidden, cfg.llm_hidden, **cfg.projector_kwargs)
         llm = build_llm(cfg, dtype=dtype, device=device, seed=None)
         return {"llm": llm, "vision_tower": tower, "mm_projector": proj.to(dtype=dtype)}
     if empty and str(device) != "meta":
-        try:
-            from accelerate import init_empty_weights
-        except ImportError:  # accelerate is a core dependency; without it we pay for a random init
-            return make()
+        from accelerate import init_empty_weights  # a core dependency: its absence is an install error, not a fallback
         with init_empty_weights(include_buffers=False):
             return make()
     return make()
 
 
-def expected_keys(cfg: NVILAConfig, projector_kwargs: dict | None = None) -> dict[str, dict[str, tuple[int, ...]]]:
+def expected_keys(cfg: NVILAConfig) -> dict[str, dict[str, tuple[int, ...]]]:
     "`{part: {key: shape}}` that a checkpoint of `cfg` stores, in the released naming; nothing is allocated."
-    parts = _build_parts(cfg, projector_kwargs, device="meta")
+    parts = _build_parts(cfg, device="meta")
     return {p: {k: tuple(v.shape) for k, v in _disk_state(p, m).items()} for p, m in parts.items()}
+
+
+def temporal_keys(cfg: NVILAConfig) -> dict[str, tuple[int, ...]]:
+    """`{key: shape}` of the temporal compressor `cfg` names (`temporal_for(cfg)`), stored in `temporal_compressor/`;
+    empty for parameter-free ones such as NVILA's averaging, which then write no such folder."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in temporal_for(cfg).state_dict().items()}
 
 # %% ../nbs/08_checkpoint.ipynb #6ab3215a
 _ASPECT = {"dynamic_s2": ("dynamic_s2", True, False, -1), "dynamic": ("dynamic", False, False, -1),
@@ -156,9 +172,23 @@ def llm_config_dict(written: dict, model: NVILAModel, dtype: torch.dtype) -> dic
     return dict(sorted(d.items()))
 
 
-def root_config_dict(cfg: NVILAConfig, dtype: torch.dtype, sub: dict[str, dict], projector_kwargs: dict,
-                     resume_path: str) -> dict:
-    "The root config.json: VILA's `llava_llama` keys, the three sub-configs, and our config under `nvila_lab`."
+def _temporal_note(cfg: NVILAConfig) -> str:
+    "What VILA would do differently with this config's temporal compressor ('' when it is NVILA's averaging)."
+    notes = []
+    if cfg.temporal_compressor != "avg":
+        notes.append(f"temporal compressor {cfg.temporal_compressor!r} is nvila-lab's; VILA's TSPVideoEncoder "
+                     "averages frames instead")
+    if temporal_keys(cfg):
+        notes.append("its weights are in temporal_compressor/, a folder VILA does not read")
+    if cfg.temporal_kwargs.get("tail") == "average":
+        notes.append("tail='average' averages a last, shorter group; VILA raises on such frame counts")
+    return "; ".join(notes)
+
+
+def root_config_dict(cfg: NVILAConfig, dtype: torch.dtype, sub: dict[str, dict], resume_path: str) -> dict:
+    """The root config.json: VILA's `llava_llama` keys (names and types as VILA writes them), the three sub-configs,
+    and the kit's own under the one extra key `nvila_lab`: the whole `NVILAConfig` (compressor settings, temporal
+    compressor, its pool and settings included), which VILA's `LlavaConfig(**kwargs)` accepts and drops."""
     aspect, dyn_s2, s2, resize_idx = _ASPECT[cfg.tiling]
     from nvila_lab import __version__
     return {
@@ -177,26 +207,32 @@ def root_config_dict(cfg: NVILAConfig, dtype: torch.dtype, sub: dict[str, dict],
         "interpolate_mode": "linear", "drop_path_rate": 0.0, "num_time_tokens": 0, "time_token_format": "<t{t}>",
         "soft_ce_std": 1.0, "vision_resolution": -1, "tune_language_model": True, "tune_mm_projector": True,
         "tune_vision_tower": True, "transformers_version": _transformers_version(),
-        "nvila_lab": {"version": __version__, "config": cfg.to_dict(), "projector_kwargs": projector_kwargs,
-                      "note": "nvila-lab's own NVILAConfig; load_nvila prefers it, VILA ignores it"},
+        "nvila_lab": {"version": __version__, "config": cfg.to_dict(),
+                      "note": "nvila-lab's own NVILAConfig; load_nvila prefers it, VILA ignores it",
+                      **({"temporal_note": _temporal_note(cfg)} if _temporal_note(cfg) else {})},
     }
 
 # %% ../nbs/08_checkpoint.ipynb #b115297b
 def projector_kwargs_of(projector: TokenCompressor) -> dict:
     "Constructor arguments of a registered compressor, read back from its same-named attributes (JSON-able only)."
+    return _settings_of(projector, 2)  # after in_dim, out_dim
+
+
+def _settings_of(module: nn.Module, skip: int) -> dict:
+    "Constructor arguments of `module` after the first `skip` (self excluded), read back from same-named attributes (JSON-able only)."
     kw = {}
-    params = list(inspect.signature(type(projector).__init__).parameters.values())[3:]  # after self, in_dim, out_dim
-    for p in params:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or not hasattr(projector, p.name):
+    for p in list(inspect.signature(type(module).__init__).parameters.values())[1 + skip:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or not hasattr(module, p.name):
             continue
-        v = getattr(projector, p.name)
+        v = getattr(module, p.name)
         if isinstance(v, (bool, int, float, str, type(None))):
             kw[p.name] = v
     return kw
 
 
-def _check_savable(model: NVILAModel, projector_kwargs: dict | None) -> tuple[NVILAConfig, dict]:
-    "The config to record (projector named as the module really is) and the projector's kwargs; raise if they cannot rebuild the model."
+def _check_savable(model: NVILAModel) -> NVILAConfig:
+    """The config to record: `model.cfg`, with the projector and temporal compressor named (and set) as the modules
+    really are. Raises when a module is unregistered or the recorded config could not rebuild it."""
     proj = model.mm_projector
     name = type(proj).name
     try:
@@ -205,20 +241,33 @@ def _check_savable(model: NVILAModel, projector_kwargs: dict | None) -> tuple[NV
     except ConfigError as e:
         raise CheckpointError(f"the projector {type(proj).__name__} is not registered under {name!r} ({e}); register it "
                               "with @register_compressor so the checkpoint can be loaded again") from None
-    cfg = model.cfg.replace(projector=name) if model.cfg.projector != name else model.cfg
-    kwargs = projector_kwargs_of(proj) if projector_kwargs is None else dict(projector_kwargs)
-    want = expected_keys(cfg, kwargs)
-    have = {"llm": _disk_state("llm", model.llm), "vision_tower": _disk_state("vision_tower", model.vision_tower),
-            "mm_projector": _disk_state("mm_projector", proj)}
-    for part in PARTS:
-        got = {k: tuple(v.shape) for k, v in have[part].items()}
+    cfg = model.cfg
+    if cfg.projector != name:  # a projector passed in by hand: record what it is
+        cfg = cfg.replace(projector=name, projector_kwargs=projector_kwargs_of(proj))
+    temporal = getattr(model, "temporal", None)
+    if isinstance(temporal, TemporalCompressor):
+        tname = type(temporal).name
+        if TEMPORAL_COMPRESSORS.get(tname) is not type(temporal):
+            raise CheckpointError(f"the temporal compressor {type(temporal).__name__} is not registered under {tname!r}; "
+                                  "register it with @register_temporal so the checkpoint can be loaded again")
+        if (tname, temporal.pool) != (cfg.temporal_compressor, cfg.temporal_pool):
+            warnings.warn(f"model.temporal is {tname!r} with pool {temporal.pool} but model.cfg names "
+                          f"{cfg.temporal_compressor!r} with pool {cfg.temporal_pool}; saving what the model runs")
+            cfg = cfg.replace(temporal_compressor=tname, temporal_pool=temporal.pool,
+                              temporal_kwargs=_settings_of(temporal, 1))
+        if _shapes(temporal) != temporal_keys(cfg):
+            raise CheckpointError(f"model.temporal does not match the config recorded for it ({cfg.temporal_compressor!r}, "
+                                  f"pool {cfg.temporal_pool}, {cfg.temporal_kwargs}): e.g. "
+                                  f"{_diff(_shapes(temporal), temporal_keys(cfg))[:3]}; build it with temporal_for(cfg)")
+    want = expected_keys(cfg)
+    for part, module in (("llm", model.llm), ("vision_tower", model.vision_tower), ("mm_projector", proj)):
+        got = _shapes(module, part)
         if got != want[part]:
-            diff = sorted(set(got) ^ set(want[part])) or [k for k in got if got[k] != want[part].get(k)]
-            hint = (f" Pass projector_kwargs= with the arguments {type(proj).__name__} was built with."
-                    if part == "mm_projector" else "")
-            raise CheckpointError(f"model.{part} does not match model.cfg ({cfg.name!r}): e.g. {diff[:3]}; a folder saved "
-                                  f"from it could not be loaded again.{hint}")
-    return cfg, kwargs
+            hint = (f" Build the projector from the config: cfg.replace(projector_kwargs={{...}}) with the settings "
+                    f"{type(proj).__name__} was built with." if part == "mm_projector" else "")
+            raise CheckpointError(f"model.{part} does not match model.cfg ({cfg.name!r}): e.g. {_diff(got, want[part])[:3]}; "
+                                  f"a folder saved from it could not be loaded again.{hint}")
+    return cfg
 
 
 @contextmanager
@@ -238,7 +287,9 @@ def _save_tokenizer(tokenizer, folder: Path) -> None:
     "Tokenizer files into `folder`, the chat template inside tokenizer_config.json (transformers 4 reads it there)."
     try:
         tokenizer.save_pretrained(str(folder), save_jinja_files=False)
-    except TypeError:  # older transformers: no such option (and no .jinja files)
+    except TypeError as e:  # older transformers: no such option (and no .jinja files); any other TypeError is real
+        if "save_jinja_files" not in str(e):
+            raise
         tokenizer.save_pretrained(str(folder))
     tc = folder / "tokenizer_config.json"
     if tc.is_file():  # drop load-time bookkeeping that transformers 5 writes back
@@ -256,7 +307,7 @@ def _write_json(path: Path, d: dict) -> None:
     path.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n")
 
 
-def _write_checkpoint(model: NVILAModel, out: Path, cfg: NVILAConfig, kwargs: dict, dtype: torch.dtype,
+def _write_checkpoint(model: NVILAModel, out: Path, cfg: NVILAConfig, dtype: torch.dtype,
                       max_shard_size: str, final: Path) -> None:
     "Every file of the layout into `out` (an empty folder)."
     cast = lambda sd: {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().cpu()
@@ -288,9 +339,18 @@ def _write_checkpoint(model: NVILAModel, out: Path, cfg: NVILAConfig, kwargs: di
     save_file(cast(_disk_state("mm_projector", model.mm_projector)), str(mp / "model.safetensors"), metadata={"format": "pt"})
     mp_cfg = projector_config_dict(model.mm_projector, dtype)
     _write_json(mp / "config.json", mp_cfg)
+    # temporal_compressor/: only a learned one (VILA has no such part and does not read the folder)
+    temporal = getattr(model, "temporal", None)
+    if isinstance(temporal, nn.Module) and temporal.state_dict():
+        tc = out / TEMPORAL_DIR
+        tc.mkdir()
+        save_file(cast(temporal.state_dict()), str(tc / "model.safetensors"), metadata={"format": "pt"})
+        _write_json(tc / "config.json", {"nvila_lab_temporal_compressor": cfg.temporal_compressor,
+                                         "temporal_pool": cfg.temporal_pool, "temporal_kwargs": cfg.temporal_kwargs,
+                                         "torch_dtype": _dtype_name(dtype)})
     # the root config last: a folder without it is never mistaken for a checkpoint
     sub = {"llm": llm_cfg, "vision_tower": vt_cfg, "mm_projector": mp_cfg}
-    _write_json(out / "config.json", root_config_dict(cfg, dtype, sub, kwargs, final.name))  # VILA needs it non-empty; no local paths leak
+    _write_json(out / "config.json", root_config_dict(cfg, dtype, sub, final.name))  # VILA needs it non-empty; no local paths leak
 
 
 def _is_checkpoint(folder: Path) -> bool:
@@ -298,12 +358,15 @@ def _is_checkpoint(folder: Path) -> bool:
 
 
 def save_nvila(model: NVILAModel, path, dtype: torch.dtype | None = None, max_shard_size: str = "5GB", *,
-               overwrite: bool = False, projector_kwargs: dict | None = None) -> Path:
+               overwrite: bool = False, **settings) -> Path:
     """Write `model` as a released-layout NVILA folder at `path` (safetensors only) and return its path.
 
     `dtype` converts the stored weights (default: the LLM's dtype); `max_shard_size` splits the LLM's file as
     `save_pretrained` does. The folder appears only once complete. An existing non-empty folder is replaced
     only with `overwrite=True`, and only if it is itself a checkpoint."""
+    if settings:
+        raise TypeError(f"save_nvila takes no {', '.join(settings)}: the compressor's settings are read from model.cfg "
+                        "(build the model from cfg.replace(projector_kwargs={...}))")
     if not isinstance(model, NVILAModel):
         raise TypeError(f"save_nvila needs an NVILAModel, got {type(model).__name__}")
     path = Path(path).expanduser().absolute()
@@ -318,7 +381,7 @@ def save_nvila(model: NVILAModel, path, dtype: torch.dtype | None = None, max_sh
             if not _is_checkpoint(path):
                 raise CheckpointError(f"{path} is not an NVILA checkpoint (no config.json with llm/, vision_tower/, "
                                       "mm_projector/); refusing to delete it even with overwrite=True")
-    cfg, kwargs = _check_savable(model, projector_kwargs)
+    cfg = _check_savable(model)
     if type(model.mm_projector).name not in NVILA_PROJECTOR_TYPES:
         warnings.warn(f"projector {type(model.mm_projector).name!r} is not one of NVILA's "
                       f"({', '.join(NVILA_PROJECTOR_TYPES)}): nvila-lab can load this checkpoint, VILA cannot")
@@ -326,7 +389,7 @@ def save_nvila(model: NVILAModel, path, dtype: torch.dtype | None = None, max_sh
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
     old = None
     try:
-        _write_checkpoint(model, tmp, cfg, kwargs, dtype, max_shard_size, path)
+        _write_checkpoint(model, tmp, cfg, dtype, max_shard_size, path)
         if path.exists():
             if any(path.iterdir()):  # overwrite: move the old one aside, swap, then delete it
                 old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
@@ -342,11 +405,19 @@ def save_nvila(model: NVILAModel, path, dtype: torch.dtype | None = None, max_sh
                 old = None
             raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp, "the unfinished checkpoint")  # the original error follows; a failed cleanup is only warned about
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old, "the replaced checkpoint")
     return path
+
+
+def _remove(folder: Path, what: str) -> None:
+    "Delete `folder`; if that fails, say which hidden folder is left behind instead of failing silently."
+    try:
+        shutil.rmtree(folder)
+    except OSError as e:
+        warnings.warn(f"could not delete {what} at {folder} ({e}); delete it by hand")
 
 # %% ../nbs/08_checkpoint.ipynb #e5f439c1
 def _pickle_error(where: Path, files: list[Path]) -> CheckpointError:
@@ -442,6 +513,14 @@ def _layout(path) -> _Layout:
     if mt not in ("llava_llama", "vila", None):
         raise CheckpointError(f"{root}/config.json has model_type {mt!r}; expected 'llava_llama' (an NVILA/VILA folder)")
     sub = {p: _read_json(root / p / "config.json") for p in PARTS}
+    tdir = root / TEMPORAL_DIR
+    if tdir.is_dir():
+        w = _weight_files(tdir)
+        if w is None:
+            if _pickles(tdir):
+                raise _pickle_error(tdir, _pickles(tdir))
+            raise CheckpointError(f"incomplete NVILA checkpoint at {root}: {TEMPORAL_DIR}/ has no model.safetensors")
+        files[TEMPORAL_DIR] = w
     return _Layout(root, config, sub, files, ours=isinstance(config.get("nvila_lab"), dict))
 
 # %% ../nbs/08_checkpoint.ipynb #55810893
@@ -536,20 +615,33 @@ def _warn_unfollowed(layout: _Layout) -> None:
                       + "; ".join(notes))
 
 
-def _config_of(layout: _Layout) -> tuple[NVILAConfig, dict]:
-    "NVILAConfig and projector kwargs of a checked folder: ours verbatim, a released one assembled from its configs."
+def _merge_index(layout: _Layout, tiling: str, n_scales: int) -> None:
+    "Refuse a `s2_resize_output_to_scale_idx` the kit does not follow (absent: VILA's default 0)."
+    idx = layout.config.get("s2_resize_output_to_scale_idx", 0)
+    try:
+        check_merge_index(int(idx), tiling, n_scales)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{layout.root}/config.json: {e}") from None
+
+
+def _config_of(layout: _Layout) -> NVILAConfig:
+    "NVILAConfig of a checked folder: ours verbatim (compressor settings included), a released one assembled from its configs."
     if layout.ours:
         ours = layout.config["nvila_lab"]
         d = dict(ours.get("config") or {})
+        if "projector_kwargs" not in d and ours.get("projector_kwargs"):  # folders written before the config carried them
+            d["projector_kwargs"] = ours["projector_kwargs"]
         known = {f.name for f in fields(NVILAConfig)}
         extra = sorted(set(d) - known)
         if extra:
             warnings.warn(f"{layout.root}/config.json: ignoring nvila_lab config field(s) {extra} "
                           "(written by a newer nvila-lab?)")
         try:
-            return NVILAConfig(**{k: v for k, v in d.items() if k in known}), dict(ours.get("projector_kwargs") or {})
+            cfg = NVILAConfig(**{k: v for k, v in d.items() if k in known})
         except (ConfigError, TypeError) as e:
             raise CheckpointError(f"{layout.root}/config.json: the nvila_lab config is invalid: {e}") from None
+        _merge_index(layout, cfg.tiling, len(cfg.s2_scales))
+        return cfg
     c, llm, vt = layout.config, layout.sub["llm"], layout.sub["vision_tower"]
     _warn_unfollowed(layout)
     def need(d: dict, k: str, where: str):
@@ -576,15 +668,16 @@ def _config_of(layout: _Layout) -> tuple[NVILAConfig, dict]:
         rope_theta=_rope_theta(llm), max_length=int(llm.get("max_position_embeddings", 32768)),
         tie_word_embeddings=bool(llm.get("tie_word_embeddings", False)),
         num_video_frames=int(c.get("num_video_frames", 8)), temporal_pool=_temporal_pool(c))
+    _merge_index(layout, tiling, len(scales))
     try:
-        return NVILAConfig(**values), {}
+        return NVILAConfig(**values)
     except ConfigError as e:
         raise CheckpointError(f"{layout.root}: the folder's configs do not make a valid NVILAConfig: {e}") from None
 
 
 def checkpoint_config(path) -> NVILAConfig:
     "The `NVILAConfig` of the checkpoint folder at `path` (ours or a released NVILA one), without reading weights."
-    return _config_of(_layout(path))[0]
+    return _config_of(_layout(path))
 
 # %% ../nbs/08_checkpoint.ipynb #59b44448
 def _load_part(files: list[Path], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -683,10 +776,16 @@ def _load_tokenizer(folder: Path):
                               "tokenizer_config.json + vocab.json/merges.txt)")
     try:
         return AutoTokenizer.from_pretrained(str(folder), use_fast=True)
-    except Exception as e:
-        if (folder / "tokenizer.json").is_file():
+    except (OSError, ValueError, KeyError) as e:  # e.g. a tokenizer_class this transformers does not know
+        if not (folder / "tokenizer.json").is_file():
+            raise CheckpointError(f"cannot load the tokenizer in {folder}: {type(e).__name__}: {e}") from e
+        warnings.warn(f"AutoTokenizer cannot load {folder} ({type(e).__name__}: {e}); reading tokenizer.json with "
+                      "PreTrainedTokenizerFast instead")
+        try:
             return PreTrainedTokenizerFast.from_pretrained(str(folder))
-        raise CheckpointError(f"cannot load the tokenizer in {folder}: {e}") from e
+        except (OSError, ValueError, KeyError) as e2:
+            raise CheckpointError(f"cannot load the tokenizer in {folder}: AutoTokenizer: {e}; "
+                                  f"PreTrainedTokenizerFast: {e2}") from e2
 
 
 def add_media_tokens(tokenizer) -> list[str]:
@@ -701,6 +800,33 @@ def add_media_tokens(tokenizer) -> list[str]:
     return new
 
 
+def _load_temporal(layout: _Layout, cfg: NVILAConfig, device: torch.device, dtype: torch.dtype,
+                   strict: bool) -> TemporalCompressor:
+    "The temporal compressor the config names, with its weights from temporal_compressor/ when it has any."
+    temporal = temporal_for(cfg).to(device)
+    want = {k: tuple(v.shape) for k, v in temporal.state_dict().items()}
+    files = layout.files.get(TEMPORAL_DIR)
+    if not want:
+        if files:
+            raise CheckpointError(f"{layout.root}/{TEMPORAL_DIR}/ holds weights but the config's temporal compressor "
+                                  f"{cfg.temporal_compressor!r} has none; is nvila_lab.config.temporal_compressor right?")
+        return temporal
+    if not files:
+        msg = (f"{layout.root} has no {TEMPORAL_DIR}/ but its temporal compressor {cfg.temporal_compressor!r} is learned "
+               f"({', '.join(want)})")
+        if strict:
+            raise CheckpointError(msg + "; pass strict=False to start it from its initial weights")
+        warnings.warn(msg + "; it starts from its initial weights")
+        return temporal
+    sd = _load_part(files, device, dtype)
+    got = {k: tuple(v.shape) for k, v in sd.items()}
+    if got != want:
+        raise CheckpointError(f"{layout.root}/{TEMPORAL_DIR} does not match {cfg.temporal_compressor!r} "
+                              f"(pool {cfg.temporal_pool}, {cfg.temporal_kwargs}): e.g. {_diff(got, want)[:3]}")
+    temporal.load_state_dict(sd)
+    return temporal.to(dtype)
+
+
 def load_nvila(path, device=None, dtype=None, strict: bool = True) -> NVILAModel:
     """Load the NVILA checkpoint folder at `path` (saved by `save_nvila` or released by NVIDIA) as an `NVILAModel` in eval mode.
 
@@ -708,12 +834,12 @@ def load_nvila(path, device=None, dtype=None, strict: bool = True) -> NVILAModel
     every tensor's name and shape is checked against the model the folder's configs describe. The tokens added
     to a released tokenizer are listed in `model.added_tokens`."""
     layout = _layout(path)
-    cfg, kwargs = _config_of(layout)
+    cfg = _config_of(layout)
     device = torch.device(device) if device is not None else torch.device("cpu")
     dtype = _parse_dtype(dtype) or _parse_dtype(layout.config.get("model_dtype")) or torch.float32
     tokenizer = _load_tokenizer(layout.root / "llm")
     added = add_media_tokens(tokenizer)
-    parts = _build_parts(cfg, kwargs, device=device, dtype=dtype, empty=True)
+    parts = _build_parts(cfg, device=device, dtype=dtype, empty=True)
     states, missing = {}, {}
     for part in PARTS:
         sd = _load_part(layout.files[part], device, dtype)
@@ -723,7 +849,7 @@ def load_nvila(path, device=None, dtype=None, strict: bool = True) -> NVILAModel
         states[part] = sd
     for part in PARTS:
         if missing[part]:  # strict=False with gaps: a real random init, then copy what is there
-            parts[part] = _build_parts(cfg, kwargs, device=device, dtype=dtype, empty=False)[part]
+            parts[part] = _build_parts(cfg, device=device, dtype=dtype, empty=False)[part]
             parts[part].load_state_dict(states[part], strict=False)
         else:
             parts[part].load_state_dict(states[part], strict=False, assign=True)
@@ -736,6 +862,7 @@ def load_nvila(path, device=None, dtype=None, strict: bool = True) -> NVILAModel
         cfg = cfg.replace(vocab_size=len(tokenizer))
     encoder = ImageEncoder(cfg, tower=parts["vision_tower"], projector=parts["mm_projector"])
     model = NVILAModel(cfg, tokenizer, encoder=encoder, llm=llm).eval()
+    model.temporal = _load_temporal(layout, cfg, device, dtype, strict)
     model.added_tokens = added
     return model
 
@@ -791,9 +918,9 @@ def inspect_checkpoint(path) -> dict:
     layout = _layout(path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cfg, kwargs = _config_of(layout)
+        cfg = _config_of(layout)
     issues = [str(w.message) for w in caught]
-    want = expected_keys(cfg, kwargs)
+    want = expected_keys(cfg)
     parts = {}
     for part in PARTS:
         heads = _headers(layout.files[part])
@@ -826,7 +953,7 @@ def inspect_checkpoint(path) -> dict:
             + f" | SigLIP {cfg.image_size}px/p{cfg.patch_size} w{cfg.vision_hidden} x{cfg.vision_layers}L | {tiling} | "
             f"{cfg.projector} ({vila_type}) | Qwen2 w{cfg.llm_hidden} x{cfg.llm_layers}L, vocab {cfg.vocab_size}")
     return {"path": str(layout.root), "format": "nvila-lab" if layout.ours else "NVILA/VILA (llava_llama)",
-            "config": cfg, "projector_kwargs": kwargs, "preset": like, "description": desc,
+            "config": cfg, "projector_kwargs": dict(cfg.projector_kwargs), "preset": like, "description": desc,
             "model_dtype": _dtype_name(md) if (md := _parse_dtype(layout.config.get("model_dtype"))) else None,
             "parts": parts, "total_parameters": total,
             "media_tokens": _has_media_tokens(layout.root / "llm"), "issues": issues}
