@@ -16,15 +16,16 @@ from nvila_lab.encoder import ImageEncoder
 from nvila_lab.vision import build_vision_tower
 
 TILINGS = ("dynamic_s2", "dynamic", "s2", "resize")
-# every per-tile built-in, with settings from the config (projector_kwargs)
+# every built-in, per tile and whole image (imagepool), with settings from the config (projector_kwargs)
 PROJECTORS = {"stc2x2": {}, "stc3x3": {}, "avgpool": {"k": 3}, "tokenlearner": {"n_tokens": 9},
-              "perceiver": {"n_latents": 6, "heads": 4, "depth": 1}}
+              "perceiver": {"n_latents": 6, "heads": 4, "depth": 1}, "imagepool": {"n_tokens": 20}}
 
 
 def _encoder(tiling, projector, kw, tower=None):
     cfg = get_config("tiny", tiling=tiling, projector=projector, projector_kwargs=kw)
-    proj = build_compressor(projector, cfg.mm_hidden, cfg.llm_hidden, **kw)  # the config's settings, whatever the encoder does
-    return ImageEncoder(cfg, tower=tower, projector=proj).eval()
+    enc = ImageEncoder(cfg, tower=tower).eval()  # the encoder builds the projector from the config's settings
+    assert enc.projector.num_tokens(8, 8) == build_compressor(projector, cfg.mm_hidden, cfg.llm_hidden, **kw).num_tokens(8, 8)
+    return enc
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +35,9 @@ def encoders():
     return {(t, p): _encoder(t, p, kw, tower) for t in TILINGS for p, kw in PROJECTORS.items()}
 
 
-def test_every_per_tile_builtin_is_in_the_property_test():
-    per_tile = {n for n in available_compressors() if build_compressor(n, 8, 16, **PROJECTORS.get(n, {})).per_tile}
-    assert per_tile == set(PROJECTORS)
+def test_every_builtin_is_in_the_property_test():
+    assert set(available_compressors()) == set(PROJECTORS)
+    assert {build_compressor(n, 8, 16, **kw).per_tile for n, kw in PROJECTORS.items()} == {True, False}  # both kinds
 
 
 @pytest.mark.parametrize("preset,size,grid,passes,tokens,positions", [
@@ -90,18 +91,12 @@ def test_budget_equals_pipeline(encoders, w, h, tiling, projector):
 
 @pytest.mark.parametrize("tiling", TILINGS)
 def test_budget_equals_pipeline_whole_image_compressor(tiling):
-    """The whole-image kind (imagepool): one pool over each segment's stitched map. Needs the encoder to call
-    `projector(stitched, grid)` for `per_tile = False` (notebook 05); skipped until it does."""
+    """The whole-image kind (imagepool): one pool over each segment's stitched map, at the extremes of aspect ratio."""
     enc = _encoder(tiling, "imagepool", {"n_tokens": 20})
-    for w, h in [(1344, 896), (100, 700), (1, 1), (2000, 300)]:
-        try:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                vt = enc(Image.new("RGB", (w, h)))
-        except TypeError as e:
-            if "looks across tiles" in str(e):
-                pytest.skip("the encoder does not yet call whole-image compressors with the stitched segment")
-            raise
+    for w, h in [(1344, 896), (100, 700), (1, 1), (3000, 2), (2, 3000)]:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            vt = enc(Image.new("RGB", (w, h)))
         b = image_budget((w, h), enc.cfg)
         assert (b.visual_tokens, b.separators, b.llm_positions) == (vt.n_tokens, vt.n_separators, vt.n_positions)
 
