@@ -1,4 +1,4 @@
-"""NVILA's uniform frame rule, an fps rule, and one `read_frames` over two decoders (decord seeks, PyAV streams) that return the same frames; a lossless `write_video` for synthetic clips.
+"""VILA's frame rule (uniform, or its fps rule), the kit's uniform and rate rules, and one `read_frames` over two decoders (decord seeks, PyAV streams) that return the same frames; a lossless `write_video` for synthetic clips.
 
 Docs: https://nvila-lab.github.io/nvila-lab/video.html.md"""
 
@@ -21,9 +21,11 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from .config import MissingExtra, require
+
 # %% auto #0
-__all__ = ['BACKENDS', 'VideoError', 'sample_indices', 'fps_indices', 'numbered_frame', 'frame_number', 'write_video',
-           'VideoInfo', 'video_info', 'available_backends', 'read_frames']
+__all__ = ['BACKENDS', 'RULES', 'VideoError', 'sample_indices', 'vila_indices', 'fps_indices', 'numbered_frame', 'frame_number',
+           'write_video', 'VideoInfo', 'video_info', 'available_backends', 'read_frames']
 
 # %% ../nbs/12_video.ipynb #7a8d6389
 class VideoError(ValueError):
@@ -44,9 +46,24 @@ def _positive_number(name: str, value) -> float:
 
 
 def sample_indices(n_frames: int, num_frames: int) -> list[int]:
-    "NVILA's uniform rule: round(linspace(0, n_frames - 1, num_frames)); indices repeat when the video is shorter."
+    "The uniform rule: round(linspace(0, n_frames - 1, num_frames)); indices repeat when the video is shorter."
     n, k = _positive_int("n_frames", n_frames), _positive_int("num_frames", num_frames)
     return np.round(np.linspace(0, n - 1, k)).astype(int).tolist()  # [k], non-decreasing, from 0 to n-1
+
+
+def vila_indices(n_frames: int, num_frames: int, video_fps: float = 0.0, fps: float = 0.0) -> list[int]:
+    """VILA's frame rule (its inference loader): `fps <= 0` -> `sample_indices`; `fps > 0` -> the first `num_frames`
+    timestamps k/fps below the clip's duration, each as frame int(t * video_fps): at most `num_frames`, fewer for short clips."""
+    n, k = _positive_int("n_frames", n_frames), _positive_int("num_frames", num_frames)
+    if fps is None or not fps > 0:
+        return sample_indices(n, k)
+    fps = _positive_number("fps", fps)
+    if not (video_fps or 0) > 0:
+        raise VideoError(f"fps={fps:g} sampling needs the video's own frame rate, but it is {video_fps!r}; "
+                         "pass fps=0 for the uniform rule")
+    video_fps = _positive_number("video_fps", video_fps)
+    times = np.arange(0, n / video_fps, 1.0 / fps)[:k]  # seconds: 0, 1/fps, ... below the duration, the first k
+    return [min(int(t * video_fps), n - 1) for t in times]  # truncated, as VILA does
 
 # %% ../nbs/12_video.ipynb #4bd18d9d
 def fps_indices(n_frames: int, video_fps: float, target_fps: float, max_frames: int | None = None) -> list[int]:
@@ -89,11 +106,8 @@ def frame_number(frame: np.ndarray) -> int:
 
 
 def _import_av():
-    try:
-        import av
-    except ImportError:
-        raise ImportError("PyAV is not installed: pip install av, or the video extra: pip install 'nvila-lab[video]'") from None
-    return av
+    "PyAV, or one line (`MissingExtra`) naming the extra to install."
+    return require("av", "video", "reading and writing video with PyAV", package="PyAV (av)")
 
 
 def _frames(frames) -> Iterator[np.ndarray]:
@@ -274,8 +288,30 @@ def _index_list(indices) -> list[int]:
     return out
 
 
-def _selector(num_frames, fps, indices, max_frames) -> Callable[[Path, int, float], list[int]]:
+RULES: tuple[str, ...] = ("vila", "uniform")
+
+
+def _selector(num_frames, fps, indices, max_frames, rule="vila") -> Callable[[Path, int, float], list[int]]:
     "Check the arguments now; return select(path, n_frames, video_fps) -> the frame indices to read."
+    if rule not in RULES:
+        raise VideoError(f"rule must be one of {', '.join(RULES)} ('vila': VILA's loader, 'uniform': the kit's "
+                         f"uniform and rate rules); got {rule!r}")
+    if rule == "vila" and indices is None:
+        if num_frames is None:
+            raise VideoError("rule='vila' takes num_frames (and optionally fps, VILA's frame rate, 0 = uniform); "
+                             "for a rate alone use rule='uniform' with fps= (and max_frames=)")
+        if max_frames is not None:
+            raise VideoError("max_frames belongs to rule='uniform'; under rule='vila' num_frames is the cap")
+        k, rate = _positive_int("num_frames", num_frames), 0.0 if fps is None else float(fps)
+        if rate < 0 or not math.isfinite(rate):
+            raise VideoError(f"fps must be 0 (uniform) or a positive number, got {fps!r}")
+
+        def vila(p, n, video_fps):
+            idx = vila_indices(n, k, video_fps, rate)
+            if not idx:
+                raise VideoError(f"{p}: no frames at fps={rate:g}")
+            return idx
+        return vila
     given = [k for k, v in (("num_frames", num_frames), ("fps", fps), ("indices", indices)) if v is not None]
     if len(given) != 1:
         raise VideoError(f"pass exactly one of num_frames, fps or indices (got {', '.join(given) or 'none'})")
@@ -316,7 +352,7 @@ def _decord_failure(p: Path, e: BaseException) -> VideoError:
 
 
 def _read_decord(p: Path, select: Callable) -> np.ndarray:
-    import decord
+    decord = require("decord", "video", "backend='decord'", package="decord2")
     try:
         vr = decord.VideoReader(str(p), ctx=decord.cpu(0))
     except Exception as e:  # decord raises DECORDError or RuntimeError (FFmpeg's own log goes to stderr)
@@ -369,17 +405,20 @@ def _read_pyav(p: Path, select: Callable) -> np.ndarray:
 
 
 def read_frames(path: str | Path, num_frames: int | None = None, fps: float | None = None, backend: str = "auto",
-                indices: Sequence[int] | None = None, max_frames: int | None = None) -> np.ndarray:
-    "RGB frames [N, H, W, 3] uint8 of the video at `path`: `num_frames` uniform ones, or at `fps`, or `indices`."
-    select = _selector(num_frames, fps, indices, max_frames)
+                indices: Sequence[int] | None = None, max_frames: int | None = None, rule: str = "vila") -> np.ndarray:
+    """RGB frames [N, H, W, 3] uint8 of the video at `path`. `rule='vila'` (default): `num_frames` by VILA's rule
+    (`vila_indices`; `fps` optional, 0 = uniform); `rule='uniform'`: `num_frames` uniform ones, or at `fps` (capped
+    by `max_frames`); or explicit `indices` under either rule."""
+    select = _selector(num_frames, fps, indices, max_frames, rule)
     if backend not in BACKENDS:
         raise VideoError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     have = available_backends()
     if backend == "auto" and not have:
-        raise ImportError("no video decoder installed: pip install 'nvila-lab[video]' (PyAV, and decord2 where it has wheels)")
+        raise MissingExtra("reading video needs PyAV or decord2, and neither is installed: pip install 'nvila-lab[video]'")
     if backend != "auto" and backend not in have:
-        need = "decord (pip install decord2)" if backend == "decord" else "PyAV (pip install av)"
-        raise ImportError(f"backend={backend!r} needs {need}; installed here: {', '.join(have) or 'none'}")
+        need = "decord2" if backend == "decord" else "PyAV (av)"
+        raise MissingExtra(f"backend={backend!r} needs {need}, which is not installed (installed here: "
+                           f"{', '.join(have) or 'none'}): pip install 'nvila-lab[video]'")
     p = _check_file(path)
     if backend == "pyav" or (backend == "auto" and "decord" not in have):
         return _read_pyav(p, select)

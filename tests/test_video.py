@@ -138,7 +138,10 @@ def test_write_is_atomic(tmp_path):
 # --- reading: the backends agree ----------------------------------------------------------------------------------
 
 REQUESTS = [(dict(num_frames=8), sample_indices(N, 8)), (dict(num_frames=3), sample_indices(N, 3)),
-            (dict(fps=4), fps_indices(N, 16, 4)), (dict(fps=4, max_frames=3), fps_indices(N, 16, 4, 3)),
+            (dict(num_frames=6, fps=3), [0, 5, 10, 16, 21, 26]),  # VILA's fps rule: int(k/3 * 16), the first 6
+            (dict(num_frames=64, fps=8), list(range(0, 40, 2))),  # 2.5 s at 8 fps: 20 frames, fewer than asked
+            (dict(fps=4, rule="uniform"), fps_indices(N, 16, 4)),
+            (dict(fps=4, max_frames=3, rule="uniform"), fps_indices(N, 16, 4, 3)),
             (dict(indices=[39, 0, 5, 5, 20]), [39, 0, 5, 5, 20])]
 
 
@@ -217,11 +220,15 @@ def test_index_out_of_range(clips, backend):
 
 def test_bad_requests(clips):
     p = clips["mp4"]
-    for kw, msg in ((dict(), "exactly one of num_frames, fps or indices \\(got none\\)"),
+    for kw, msg in ((dict(rule="uniform"), "exactly one of num_frames, fps or indices \\(got none\\)"),
+                    (dict(), "rule='vila' takes num_frames"), (dict(fps=2), "for a rate alone use rule='uniform'"),
+                    (dict(num_frames=4, max_frames=2), "max_frames belongs to rule='uniform'"),
+                    (dict(num_frames=4, fps=-1), "fps must be 0 \\(uniform\\) or a positive number"),
+                    (dict(num_frames=4, rule="opencv"), "rule must be one of vila, uniform"),
                     (dict(num_frames=4, indices=[1]), "got num_frames, indices"),
-                    (dict(num_frames=4, max_frames=2), "max_frames caps fps"),
+                    (dict(num_frames=4, max_frames=2, rule="uniform"), "max_frames caps fps"),
                     (dict(indices=[-1]), "negative indices are not supported"), (dict(indices=[]), "indices is empty"),
-                    (dict(indices=[1.5]), "must be integers"), (dict(fps=0), "fps must be a positive number"),
+                    (dict(indices=[1.5]), "must be integers"), (dict(fps=0, rule="uniform"), "fps must be a positive number"),
                     (dict(num_frames=4, backend="opencv"), "backend must be one of")):
         with pytest.raises(VideoError, match=msg):
             read_frames(p, **kw)
@@ -344,3 +351,54 @@ def test_shipped_sample_is_what_the_code_makes(root):
         s = make_video_sample(r["task"], r["seed"], r["index"], meta["n_frames"])
         assert (s["id"], s["question"], s["answer"]) == (r["id"], r["question"], r["answer"])
         assert _diff(read_frames(r["video_path"], indices=range(meta["n_frames"]), backend="pyav"), s["frames"]) <= 2
+
+
+# --- VILA's frame rule ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, k, video_fps, fps, want", [
+    (40, 8, 16, 0, [0, 6, 11, 17, 22, 28, 33, 39]),  # fps 0: round(linspace(0, 39, 8)) (5.57 -> 6, 11.14 -> 11, ...)
+    (3, 5, 30, 0, [0, 0, 1, 2, 2]),  # fewer frames than asked: repeats (linspace 0, .5, 1, 1.5, 2; halves to even)
+    (90, 4, 30, 2, [0, 15, 30, 45]),  # t = 0, .5, 1, 1.5 s (of 3 s): the first 4 only
+    (25, 16, 25, 4, [0, 6, 12, 18]),  # 1 s clip: t = 0, .25, .5, .75 -> 0, 6.25, 12.5, 18.75 truncated; 4 < 16
+    (1, 8, 30, 30, [0]),  # one frame: one timestamp
+])
+def test_vila_indices_by_hand(n, k, video_fps, fps, want):
+    from nvila_lab.video import vila_indices
+    assert vila_indices(n, k, video_fps, fps) == want
+
+
+def test_vila_rule_is_the_default_and_uniform_the_option(clips):
+    from nvila_lab.video import vila_indices
+    p = clips["mp4"]  # 40 frames at 16 fps
+    assert [frame_number(f) for f in read_frames(p, num_frames=5, fps=4)] == vila_indices(N, 5, 16, 4) == [0, 4, 8, 12, 16]
+    # the kit's rate rule spreads over the whole clip instead of keeping its start
+    assert [frame_number(f) for f in read_frames(p, fps=4, max_frames=5, rule="uniform")] == fps_indices(N, 16, 4, 5)
+    assert fps_indices(N, 16, 4, 5) != vila_indices(N, 5, 16, 4)
+
+
+# --- optional decoders: one line naming the extra -------------------------------------------------------------------
+
+def test_missing_decoders_are_one_line(clips, monkeypatch):
+    import sys
+    from nvila_lab.config import MissingExtra
+    from nvila_lab import video
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now raises ImportError
+    monkeypatch.setitem(sys.modules, "decord", None)
+    cases = [(lambda: read_frames(clips["mp4"], num_frames=4), "reading video needs PyAV or decord2"),
+             (lambda: read_frames(clips["mp4"], num_frames=4, backend="decord"), "backend='decord' needs decord2"),
+             (lambda: write_video(CLIP[:2], clips["mp4"].parent / "x.mp4"), "with PyAV needs PyAV (av)"),
+             (lambda: video.video_info(clips["mp4"]), "with PyAV needs PyAV (av)"),
+             (lambda: video._read_decord(clips["mp4"], lambda p, n, f: [0]), "backend='decord' needs decord2")]
+    for call, msg in cases:
+        with pytest.raises(MissingExtra) as e:
+            call()
+        assert msg in str(e.value) and "pip install 'nvila-lab[video]'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_video_data_without_pyav_is_one_line(tmp_path, monkeypatch):
+    import sys
+    from nvila_lab.config import MissingExtra
+    from nvila_lab.video_data import make_video_dataset
+    monkeypatch.setitem(sys.modules, "av", None)
+    with pytest.raises(MissingExtra, match=r"pip install 'nvila-lab\[video\]'"):
+        make_video_dataset(tmp_path / "v", ["flash"], n=1, progress=False)
