@@ -439,22 +439,24 @@ def test_bf16_save_and_load(tiny, tmp_path, img):
 
 
 def test_custom_compressor_round_trip_and_note(tok, tmp_path, img):
-    cfg = get_config("tiny", projector="avgpool")
-    m = NVILAModel(cfg, tok, encoder=ImageEncoder(cfg, k=3))
+    cfg = get_config("tiny", projector="avgpool", projector_kwargs={"k": 3})
+    m = NVILAModel(cfg, tok)
+    assert m.mm_projector.k == 3  # built from the config
     with pytest.warns(UserWarning, match="VILA cannot"):
         f = save_nvila(m, tmp_path / "avg")
     mp = json.loads((f / "mm_projector/config.json").read_text())
     assert mp["mm_projector_type"] == "avgpool" and "VILA cannot" in mp["nvila_lab_note"]
     back = load_nvila(f)
-    assert back.mm_projector.k == 3 and same_weights(back, m)
+    assert back.cfg == cfg and back.mm_projector.k == 3 and same_weights(back, m)
     assert back.generate(img, "What colour?", max_new_tokens=4) == m.generate(img, "What colour?", max_new_tokens=4)
-    tcfg = get_config("tiny", projector="tokenlearner")
-    t = NVILAModel(tcfg, tok, encoder=ImageEncoder(tcfg, n_tokens=5, hidden=40))  # hidden is not kept on the module
-    with pytest.raises(CheckpointError, match="projector_kwargs="):  # checked before anything is written
-        save_nvila(t, tmp_path / "tl")
-    with pytest.warns(UserWarning):
-        g = save_nvila(t, tmp_path / "tl", projector_kwargs={"n_tokens": 5, "hidden": 40})
-    assert same_weights(load_nvila(g), t)
+
+
+def test_settings_outside_the_config_are_refused(tok, tmp_path):
+    with pytest.raises(TypeError, match=r"cfg.replace\(projector_kwargs=\{'k': 3\}\)"):
+        ImageEncoder(get_config("tiny", projector="avgpool"), k=3)
+    with pytest.raises(TypeError, match="read from model.cfg"):
+        save_nvila(NVILAModel("tiny", tok), tmp_path / "x", projector_kwargs={"k": 3})
+    assert not (tmp_path / "x").exists()
 
 
 def test_model_not_matching_its_config_is_refused(tok, tmp_path):
@@ -472,3 +474,171 @@ def test_inspect_checkpoint_summary(saved, tiny):
     assert {p: d["tensors"] for p, d in info["parts"].items()} == {"llm": 50, "vision_tower": 53, "mm_projector": 6}
     assert info["parts"]["vision_tower"]["bytes"] == (saved / "vision_tower/model.safetensors").stat().st_size
     assert "shaped like preset 'tiny'" in info["description"] and "mlp_downsample" in info["description"]
+
+
+# ---------------------------------------------------------------- every registered compressor round-trips
+from nvila_lab.compress import available_compressors, compressor_class  # noqa: E402
+from nvila_lab.temporal import Video, encode_videos  # noqa: E402
+from nvila_lab.temporal_compress import TEMPORAL_COMPRESSORS, temporal_for  # noqa: E402
+
+# Non-default settings of the built-in compressors; a compressor registered later without an entry here is still
+# round-tripped, with its default settings.
+NON_DEFAULT = {"avgpool": {"k": 3}, "tokenlearner": {"n_tokens": 5, "hidden": 40},
+               "perceiver": {"n_latents": 7, "depth": 1, "heads": 4}, "imagepool": {"n_tokens": 20}}
+
+
+def _perturb(module: torch.nn.Module, seed: int = 0) -> None:
+    "Move every floating parameter away from its initial value (so a fresh rebuild could not pass by accident)."
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("name", available_compressors())
+def test_every_registered_compressor_round_trips(name, tok, tmp_path, img):
+    cfg = get_config("tiny", projector=name, projector_kwargs=NON_DEFAULT.get(name, {}))
+    m = NVILAModel(cfg, tok).eval()
+    _perturb(m.mm_projector)
+    try:
+        with torch.no_grad():
+            want = m.encoder(img)
+    except NotImplementedError as e:
+        pytest.skip(f"{name}: the image encoder cannot run it yet ({e})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the kit's own compressors warn that VILA cannot load them
+        f = save_nvila(m, tmp_path / name)
+    back = load_nvila(f)
+    assert back.cfg == cfg and back.cfg.projector_kwargs == NON_DEFAULT.get(name, {})
+    assert type(back.mm_projector) is compressor_class(name) and same_weights(back, m)
+    with torch.no_grad():
+        got = back.encoder(img)
+    assert len(got.segments) == len(want.segments)
+    assert all(torch.equal(a, b) for a, b in zip(got.segments, want.segments))
+
+
+@pytest.mark.parametrize("name", sorted(TEMPORAL_COMPRESSORS))
+def test_every_temporal_compressor_round_trips(name, tok, tmp_path):
+    cfg = get_config("tiny-video", temporal_compressor=name, temporal_pool=2, temporal_kwargs={"tail": "average"})
+    m = NVILAModel(cfg, tok).eval()
+    m.temporal = temporal_for(cfg)
+    _perturb(m.temporal)
+    f = save_nvila(m, tmp_path / name)
+    learned = bool(m.temporal.state_dict())
+    assert (f / ckpt.TEMPORAL_DIR).is_dir() == learned  # only a learned one writes the kit's extra folder
+    root = json.loads((f / "config.json").read_text())
+    assert json.loads(root["video_encoder"])["pool_sizes"] == [[2, 1, 1]]  # VILA's key, as VILA spells it
+    back = load_nvila(f)
+    assert back.cfg == cfg and type(back.temporal) is TEMPORAL_COMPRESSORS[name] and back.temporal.pool == 2
+    assert back.temporal.tail == "average" and same_weights(back, m)
+    clip = torch.randint(0, 256, (5, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, = encode_videos(m.encoder, [Video(clip)], m.temporal, num_frames=5)
+        b, = encode_videos(back.encoder, [Video(clip)], back.temporal, num_frames=5)
+    assert len(a.segments) == 3 and all(torch.equal(x, y) for x, y in zip(a.segments, b.segments))
+
+
+def test_learned_temporal_weights_are_checked(tok, tmp_path):
+    cfg = get_config("tiny-video", temporal_compressor="mixpool")
+    m = NVILAModel(cfg, tok)
+    m.temporal = temporal_for(cfg)
+    f = save_nvila(m, tmp_path / "mix")
+    shutil.rmtree(f / ckpt.TEMPORAL_DIR)
+    with pytest.raises(CheckpointError, match="has no temporal_compressor/"):
+        load_nvila(f)
+    g = save_nvila(m, tmp_path / "mix2")
+    save_file({"logits": torch.zeros(3, 1)}, str(g / ckpt.TEMPORAL_DIR / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="does not match 'mixpool'"):
+        load_nvila(g)
+    avg = save_nvila(NVILAModel("tiny-video", tok), tmp_path / "avg")
+    assert not (avg / ckpt.TEMPORAL_DIR).exists()
+    shutil.copytree(f.parent / "mix2" / ckpt.TEMPORAL_DIR, avg / ckpt.TEMPORAL_DIR)
+    with pytest.raises(CheckpointError, match="has none"):
+        load_nvila(avg)
+
+
+# ---------------------------------------------------------------- s2_resize_output_to_scale_idx
+@pytest.mark.parametrize("idx, ok", [(-1, True), (2, True), (0, False), (1, False), (-2, False), (3, False), (None, False)])
+def test_merge_index_is_followed_or_refused(saved, tmp_path, idx, ok):
+    rel = released_style(saved, tmp_path / "rel")
+    root = json.loads((rel / "config.json").read_text())
+    assert root["s2_resize_output_to_scale_idx"] == -1  # what the kit writes for Dynamic-S2 (NVILA's scripts use -1)
+    if idx is None:
+        root.pop("s2_resize_output_to_scale_idx")  # VILA's LlavaConfig default is 0
+    else:
+        root["s2_resize_output_to_scale_idx"] = idx
+    (rel / "config.json").write_text(json.dumps(root))
+    if ok:
+        assert checkpoint_config(rel).tiling == "dynamic_s2"
+    else:
+        with pytest.raises(CheckpointError, match="s2_resize_output_to_scale_idx"):
+            checkpoint_config(rel)
+
+
+def test_s2_tiling_writes_and_reads_index_0(tok, tmp_path):
+    f = save_nvila(NVILAModel(get_config("tiny", tiling="s2"), tok), tmp_path / "s2")
+    assert json.loads((f / "config.json").read_text())["s2_resize_output_to_scale_idx"] == 0
+    assert checkpoint_config(f).tiling == "s2"
+    edit_json(f / "config.json", s2_resize_output_to_scale_idx=-1)
+    with pytest.raises(CheckpointError, match="only at scale 0"):
+        checkpoint_config(f)
+
+
+# ---------------------------------------------------------------- errors are raised, not swallowed
+class _FakeTok:
+    def __init__(self, error):
+        self.error, self.calls = error, 0
+
+    def save_pretrained(self, folder, **kw):
+        self.calls += 1
+        if kw and self.error is not None:
+            raise self.error
+
+
+def test_tokenizer_save_only_retries_the_old_transformers_case(tmp_path):
+    old = _FakeTok(TypeError("save_pretrained() got an unexpected keyword argument 'save_jinja_files'"))
+    ckpt._save_tokenizer(old, tmp_path)
+    assert old.calls == 2  # retried without the option
+    with pytest.raises(TypeError, match="boom"):
+        ckpt._save_tokenizer(_FakeTok(TypeError("boom")), tmp_path)
+
+
+def test_tokenizer_load_errors_are_not_hidden(saved, monkeypatch):
+    import transformers
+
+    def fail(kind):
+        def f(*a, **k):
+            raise kind("simulated")
+        return f
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fail(RuntimeError))
+    with pytest.raises(RuntimeError, match="simulated"):
+        load_nvila(saved)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fail(ValueError))
+    with pytest.warns(UserWarning, match="PreTrainedTokenizerFast instead"):
+        assert load_nvila(saved).tokenizer is not None  # the documented fallback, said out loud
+    monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "from_pretrained", fail(OSError))
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="AutoTokenizer: simulated; PreTrainedTokenizerFast"):
+        load_nvila(saved)
+
+
+def test_missing_accelerate_is_an_error_not_a_fallback(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "accelerate", None)
+    with pytest.raises(ImportError):
+        _build_parts(get_config("tiny"), device="cpu", empty=True)
+
+
+def test_failed_cleanup_is_reported(tiny, saved, monkeypatch):
+    real = shutil.rmtree
+
+    def stuck(path, *a, **k):
+        if ".old-" in str(path):
+            raise OSError("busy")
+        return real(path, *a, **k)
+    monkeypatch.setattr(shutil, "rmtree", stuck)
+    with pytest.warns(UserWarning, match="could not delete the replaced checkpoint"):
+        save_nvila(tiny, saved, overwrite=True)
+    monkeypatch.undo()
+    left = leftovers(saved.parent)
+    assert len(left) == 1 and ".old-" in left[0]
+    shutil.rmtree(saved.parent / left[0])
