@@ -191,10 +191,11 @@ def plan_image(size: tuple[int, int], cfg: NVILAConfig, warn: bool = True) -> Ti
 # %% ../nbs/02_tiling.ipynb #4fe1ce53
 def plan_prompt(sizes: list[tuple[int, int]], cfg: NVILAConfig, tile_all: bool = False,
                 warn: bool = True) -> list[TilePlan]:
-    """The plans of the images of one prompt, VILA's rule: a single image gets `cfg.tiling`; with several, each image
-    is one tile (`plan_resize`) unless `tile_all` asks for the config's tiling on every image."""
+    """The plans of the images of one prompt, VILA's inference rule: a single image gets `cfg.tiling`; with several,
+    'dynamic_s2' and 'dynamic' put each image in one tile (`plan_resize`), 's2' and 'resize' are unchanged;
+    `tile_all=True` gives every image `cfg.tiling` (as VILA's training data path does)."""
     sizes = [tuple(s) for s in sizes]
-    if len(sizes) <= 1 or tile_all or cfg.tiling == "resize":
+    if len(sizes) <= 1 or tile_all or cfg.tiling not in ("dynamic_s2", "dynamic"):
         return [plan_image(s, cfg, warn=warn) for s in sizes]
     return [plan_resize(*_check_size(*s), cfg.image_size) for s in sizes]
 
