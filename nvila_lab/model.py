@@ -11,10 +11,13 @@ import torch
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from .config import IGNORE_INDEX, IMAGE_TOKEN, MEDIA_TOKENS, SYSTEM_PROMPT, VIDEO_TOKEN, NVILAConfig, get_config
+from .config import (IGNORE_INDEX, IMAGE_TOKEN, MEDIA_TOKENS, SYSTEM_PROMPT, VIDEO_TOKEN, NVILAConfig,
+                              get_config, require)
 from .encoder import ImageEncoder, VisualTokens
-from .images import ImageLike
-from .temporal import TemporalCompressor, Video, build_temporal, encode_videos, is_video
+from .images import ImageLike, load_image
+from .temporal import TemporalCompressor, Video, encode_videos, is_video
+from .temporal_compress import temporal_for
+from .tiling import plan_prompt
 from .vision import pick_attention
 
 # %% auto #0
@@ -33,6 +36,8 @@ def build_llm(cfg: NVILAConfig, dtype: torch.dtype = torch.float32, device: torc
               attn_implementation: str | None = None, seed: int | None = 0) -> Qwen2ForCausalLM:
     "A randomly initialised Qwen2 LLM of `cfg`'s size (`device='meta'` builds real sizes for free)."
     qc = qwen2_config(cfg)
+    if attn_implementation == "flash_attention_2":  # a missing flash-attn is one line, not transformers' traceback
+        require("flash_attn", "gpu", "attn_implementation='flash_attention_2'", package="flash-attn")
     qc._attn_implementation = attn_implementation or pick_attention(device, dtype)
     with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):  # seeded init, global RNG untouched
         if seed is not None:
@@ -42,7 +47,7 @@ def build_llm(cfg: NVILAConfig, dtype: torch.dtype = torch.float32, device: torc
 
 # %% ../nbs/07_model.ipynb #2cc2238e
 def chat_prompt(user: str, system: str = SYSTEM_PROMPT) -> str:
-    "The Qwen2 chat template NVILA uses, up to the start of the assistant's answer."
+    "The Qwen2 chat template NVILA uses, up to the start of the assistant's answer (training appends `answer<|im_end|>\\n`)."
     return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
             f"<|im_start|>assistant\n")
 
@@ -75,8 +80,10 @@ def user_text(question: str | bytes, n_media: int = 1, token: str = IMAGE_TOKEN)
 class NVILAModel(nn.Module):
     "An NVILA-style VLM: `encoder` (SigLIP tower + projector, notebook 05) and a Qwen2 `llm`, glued by the prompt."
     def __init__(self, cfg: NVILAConfig | str, tokenizer, encoder: ImageEncoder | None = None,
-                 llm: Qwen2ForCausalLM | None = None):
+                 llm: Qwen2ForCausalLM | None = None, tile_all_images: bool = False):
         super().__init__()
+        # Several images in one prompt: one tile each, as VILA does (plan_prompt); True tiles every image instead.
+        self.tile_all_images = tile_all_images
         self.cfg = get_config(cfg) if isinstance(cfg, str) else cfg
         self.tokenizer = tokenizer
         if len(tokenizer) > self.cfg.vocab_size:
@@ -95,8 +102,8 @@ class NVILAModel(nn.Module):
         if self.end_id is None or self.end_id == tokenizer.unk_token_id:
             raise ValueError("tokenizer lacks '<|im_end|>', the end of a Qwen2 chat turn; use a Qwen2-style tokenizer")
         self.newline_ids = tokenizer("\n", add_special_tokens=False).input_ids  # the separator after each segment
-        # averaging over cfg.temporal_pool frames; swap in any TemporalCompressor (notebook 14), no weights involved
-        self.temporal: TemporalCompressor = build_temporal("avg", self.cfg.temporal_pool)
+        # the temporal compressor the config names (notebook 04a); VILA's rule: frames must divide into its groups
+        self.temporal: TemporalCompressor = temporal_for(self.cfg)
 
     @property
     def device(self) -> torch.device:
@@ -117,13 +124,15 @@ class NVILAModel(nn.Module):
         return self.llm.get_input_embeddings()(ids)
 
     def tokenize(self, question: str, answer: str | None = None, n_media: int = 1, kind: str = "image"):
-        "Token ids and labels of one turn: prompt ids are IGNORE, the answer and its <|im_end|> are supervised."
+        """Token ids and labels of one turn: prompt ids are IGNORE, the answer and its <|im_end|> are supervised, and
+        the "\\n" that VILA's training template puts after the last <|im_end|> is in the ids, IGNORE in the labels."""
         prompt = chat_prompt(user_text(question, n_media, MEDIA_TOKENS[kind]))
         ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
         labels = [IGNORE_INDEX] * len(ids)
         if answer is not None:
             ans = self.tokenizer(answer, add_special_tokens=False).input_ids + [self.end_id]
-            ids, labels = ids + ans, labels + ans
+            ids = ids + ans + self.newline_ids
+            labels = labels + ans + [IGNORE_INDEX] * len(self.newline_ids)
         return torch.tensor(ids), torch.tensor(labels)
 
     def splice(self, ids: torch.Tensor, labels: torch.Tensor, media: list[VisualTokens]):
@@ -152,23 +161,48 @@ class NVILAModel(nn.Module):
                              f"{self.cfg.max_length}; lower max_tiles, use fewer frames or a stronger compressor")
         return embeds, out_labels
 
-    def encode_media(self, media: list) -> list[tuple[VisualTokens, str]]:
-        "Tokens and kind ('image' or 'video') of each item: images in one encoder batch, videos (a `Video` or a video file) in another."
-        kinds = ["video" if is_video(m) else "image" for m in media]
-        images = [m for m, k in zip(media, kinds) if k == "image"]
-        videos = [m for m, k in zip(media, kinds) if k == "video"]
-        img_tokens = iter(self.encoder.encode_batch(images) if images else [])
-        vid_tokens = iter(encode_videos(self.encoder, videos, self.temporal) if videos else [])
-        return [(next(vid_tokens if k == "video" else img_tokens), k) for k in kinds]
+    @staticmethod
+    def _prompt_items(m) -> tuple[list, str]:
+        "The media of one prompt, a list (several, one placeholder each) or one item, and their kind."
+        items = list(m) if isinstance(m, (list, tuple)) else [m]
+        if not items:
+            raise ValueError("a prompt's media list is empty: give at least one image or video")
+        kinds = {"video" if is_video(x) else "image" for x in items}
+        if len(kinds) > 1:
+            raise ValueError("one prompt mixes images and videos; give each prompt images only or videos only")
+        return items, kinds.pop()
 
-    def batch(self, media: list[ImageLike | Video], questions: list[str], answers: list[str] | None = None):
-        "Right-padded batch over images and/or videos: inputs_embeds [B, P, D], attention_mask [B, P], labels [B, P]."
+    def encode_prompts(self, media: list) -> list[tuple[list[VisualTokens], str]]:
+        """Per prompt: the tokens of its media and their kind. `media[i]` is one image or video, or a list of them
+        (several in one prompt). A prompt's images are planned together (`plan_prompt`: with several, one tile each
+        for Dynamic-S2/Lite, as VILA does, unless `tile_all_images`); all images go through the encoder in one batch,
+        all videos in another."""
+        prompts = [self._prompt_items(m) for m in media]
+        images, plans, videos = [], [], []
+        for items, kind in prompts:
+            if kind == "video":
+                videos += items
+                continue
+            loaded = [load_image(x) for x in items]
+            images += loaded
+            plans += plan_prompt([im.size for im in loaded], self.encoder.cfg, tile_all=self.tile_all_images)
+        img_tokens = iter(self.encoder.encode_batch(images, plans) if images else [])
+        vid_tokens = iter(encode_videos(self.encoder, videos, self.temporal) if videos else [])
+        return [([next(vid_tokens if kind == "video" else img_tokens) for _ in items], kind) for items, kind in prompts]
+
+    def encode_media(self, media: list) -> list[tuple[VisualTokens, str]]:
+        "Tokens and kind ('image' or 'video') of each item, each its own prompt: images in one encoder batch, videos (a `Video` or a video file) in another."
+        return [(toks[0], kind) for toks, kind in self.encode_prompts([[m] for m in media])]
+
+    def batch(self, media: list, questions: list[str], answers: list[str] | None = None):
+        """Right-padded batch: inputs_embeds [B, P, D], attention_mask [B, P], labels [B, P]. `media[i]` is row i's
+        image or video, or a list of images (or videos) for a prompt with several, one placeholder each."""
         if len(media) != len(questions) or (answers is not None and len(answers) != len(questions)):
             raise ValueError("media (images or videos), questions and answers must have the same length")
         rows = []
-        for i, ((m, kind), q) in enumerate(zip(self.encode_media(list(media)), questions)):
-            ids, labels = self.tokenize(q, answers[i] if answers is not None else None, kind=kind)
-            rows.append(self.splice(ids, labels, [m]))
+        for i, ((toks, kind), q) in enumerate(zip(self.encode_prompts(list(media)), questions)):
+            ids, labels = self.tokenize(q, answers[i] if answers is not None else None, n_media=len(toks), kind=kind)
+            rows.append(self.splice(ids, labels, toks))
         P = max(e.shape[0] for e, _ in rows)
         D = rows[0][0].shape[1]
         embeds = rows[0][0].new_zeros(len(rows), P, D)
@@ -178,15 +212,15 @@ class NVILAModel(nn.Module):
             embeds[i, :e.shape[0]], mask[i, :e.shape[0]], labels[i, :e.shape[0]] = e, 1, l.to(self.device)
         return embeds, mask, labels
 
-    def forward(self, images: list[ImageLike | Video], questions: list[str], answers: list[str]) -> torch.Tensor:
-        "Mean cross-entropy over the answer tokens (and their <|im_end|>) of a batch of images and/or videos."
+    def forward(self, images: list, questions: list[str], answers: list[str]) -> torch.Tensor:
+        "Mean cross-entropy over the answer tokens (and their <|im_end|>) of a batch of images and/or videos (or lists of them, see `batch`)."
         embeds, mask, labels = self.batch(images, questions, answers)
         return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
 
     @torch.no_grad()
     def generate(self, image: ImageLike | Video, question: str, max_new_tokens: int = 16, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> str:
-        "Answer `question` about `image` (or a `Video` / video file): greedy by default, or sampled; uses the LLM's KV cache."
+        "Answer `question` about `image` (or a `Video` / video file, or a list of images for one prompt): greedy by default, or sampled; uses the LLM's KV cache."
         return self.generate_batch([image], [question], max_new_tokens, do_sample, temperature, top_p, seed)[0]
 
     @torch.no_grad()
@@ -211,4 +245,5 @@ class NVILAModel(nn.Module):
     def __repr__(self) -> str:
         n = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
         return (f"NVILAModel({self.cfg.name!r}: vision {n(self.vision_tower):.2f}M + projector "
-                f"{n(self.mm_projector):.2f}M ({self.cfg.projector}) + LLM {n(self.llm):.2f}M, {self.cfg.tiling})")
+                f"{n(self.mm_projector):.2f}M ({self.cfg.projector}) + LLM {n(self.llm):.2f}M, {self.cfg.tiling}"
+                f"{', every image tiled' if self.tile_all_images else ''})")

@@ -53,7 +53,60 @@ def test_labels_supervise_answer_and_end_token_only(model):
     ids, labels = model.tokenize("How many dots are there?", "3")
     sup = labels[labels != IGNORE_INDEX]
     assert model.tokenizer.decode(sup) == "3<|im_end|>"
-    assert (labels[: len(ids) - len(sup)] == IGNORE_INDEX).all()
+    n_prompt = len(model.tokenize("How many dots are there?")[0])
+    assert (labels[:n_prompt] == IGNORE_INDEX).all() and (labels[-1:] == IGNORE_INDEX).all()  # prompt and final "\n"
+    assert labels[n_prompt:-1].tolist() == ids[n_prompt:-1].tolist() == sup.tolist()
+
+
+def test_training_sequence_is_vilas_template_token_for_token(model):
+    """The text of VILA's Qwen2 template (qwen2.jinja in NVlabs/VILA: every message '<|im_start|>role\\n' +
+    content + '<|im_end|>\\n', a default system turn first), written out by hand, tokenized: the same ids."""
+    text = ("<|im_start|>system\nYou are a helpful assistant<|im_end|>\n"
+            "<|im_start|>user\n<image>How many dots are there?<|im_end|>\n"
+            "<|im_start|>assistant\n3<|im_end|>\n")
+    ids, _ = model.tokenize("How many dots are there?", "3")
+    assert ids.tolist() == model.tokenizer(text, add_special_tokens=False).input_ids
+    prompt, _ = model.tokenize("How many dots are there?")
+    gen = text[: text.index("3<|im_end|>")]  # inference ends at '<|im_start|>assistant\n'
+    assert prompt.tolist() == model.tokenizer(gen, add_special_tokens=False).input_ids
+
+
+def test_several_images_one_tile_each_unless_tile_all(model):
+    from nvila_lab.tiling import plan_resize
+    wide = Image.new("RGB", (90, 300), "blue")
+    with torch.no_grad():
+        (toks, kind), (single, _) = model.encode_prompts([[IMG, wide], IMG])
+        e, mask, _ = model.batch([[IMG, wide]], ["<image> or <image>?"])
+        tiled = NVILAModel("tiny", model.tokenizer, encoder=model.encoder, llm=model.llm, tile_all_images=True)
+        (toks_t, _), = tiled.encode_prompts([[IMG, wide]])
+    assert kind == "image" and [t.plan for t in toks] == [plan_resize(*im.size, 64) for im in (IMG, wide)]
+    assert single[0].plan.mode == "dynamic_s2" and [t.plan.mode for t in toks_t] == ["dynamic_s2"] * 2
+    ids, _ = model.tokenize("<image> or <image>?", n_media=2)
+    assert mask.sum().item() == len(ids) - 2 + sum(t.n_positions for t in toks)
+    assert "every image tiled" in repr(tiled) and "every image tiled" not in repr(model)
+
+
+def test_video_frames_must_divide_the_pool():
+    import numpy as np
+    from nvila_lab.temporal import Video
+    tok = load_tokenizer()
+    clip = np.zeros((10, 64, 64, 3), np.uint8)
+    m = NVILAModel(get_config("tiny", num_video_frames=8, temporal_pool=4), tok)
+    with pytest.raises(ValueError, match="10 frames do not divide into groups of 4 \\(VILA requires a multiple\\)"):
+        m.batch([Video(clip, num_frames=10)], ["What happened?"])
+    m2 = NVILAModel(m.cfg.replace(temporal_kwargs={"tail": "average"}), tok, encoder=m.encoder, llm=m.llm)
+    with torch.no_grad():
+        (vt, _), = m2.encode_media([Video(clip, num_frames=10)])
+    assert vt.n_separators == 3  # 4 + 4 + 2 frames
+
+
+def test_flash_attention_without_flash_attn_is_one_line(monkeypatch):
+    import sys
+    from nvila_lab.config import MissingExtra
+    from nvila_lab.model import build_llm
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    with pytest.raises(MissingExtra, match=r"flash_attention_2'? needs flash-attn, which is not installed: pip install 'nvila-lab\[gpu\]'"):
+        build_llm(get_config("tiny"), attn_implementation="flash_attention_2")
 
 
 def test_splice_places_tokens_and_separator(model):
