@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import nvila_lab.checkpoint as ckpt
+import nvila_lab.checkpoint_save as ckpt_save
 from nvila_lab.checkpoint import (CheckpointError, _build_parts, _disk_state, checkpoint_config, expected_keys,
                                   inspect_checkpoint, load_nvila, save_nvila)
 from nvila_lab.config import get_config
@@ -376,24 +377,24 @@ def test_unknown_formats_and_projector_types(saved, tmp_path):
 # ---------------------------------------------------------------- safe writing
 def test_atomic_write_leaves_nothing_on_failure(tiny, tmp_path, monkeypatch):
     calls = []
-    real = ckpt.save_file
+    real = ckpt_save.save_file
 
     def failing(*a, **k):  # the vision tower is written, the projector's write dies
         calls.append(a[1])
         if len(calls) == 2:
             raise OSError("disk full")
         return real(*a, **k)
-    monkeypatch.setattr(ckpt, "save_file", failing)
+    monkeypatch.setattr(ckpt_save, "save_file", failing)
     target = tmp_path / "out"
     with pytest.raises(OSError, match="disk full"):
         save_nvila(tiny, target)
     assert not target.exists() and leftovers(tmp_path) == []
     # an existing checkpoint survives a failed overwrite untouched
-    monkeypatch.setattr(ckpt, "save_file", real)
+    monkeypatch.setattr(ckpt_save, "save_file", real)
     old = save_nvila(NVILAModel(get_config("tiny"), tiny.tokenizer, llm=None), tmp_path / "keep")
     before = {p.relative_to(old): p.read_bytes() for p in old.rglob("*") if p.is_file()}
     calls.clear()
-    monkeypatch.setattr(ckpt, "save_file", failing)
+    monkeypatch.setattr(ckpt_save, "save_file", failing)
     with pytest.raises(OSError):
         save_nvila(tiny, old, overwrite=True)
     assert {p.relative_to(old): p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
