@@ -20,14 +20,13 @@ from torch import nn
 
 from .checkpoint_layout import (_TIED, PARTS, PICKLE_SUFFIXES, SENTINEL_TOKEN, TEMPORAL_DIR, VISION_PREFIX,
                                          CheckpointError, _build_parts, _diff, _dtype_name, _parse_dtype,
-                                         expected_keys)
+                                         expected_keys, temporal_keys)
 from .compress import compressor_class
 from .config import PRESETS, ConfigError, NVILAConfig
 from .encoder import ImageEncoder
 from .model import MEDIA_TOKENS, NVILAModel
 from .temporal_compress import TemporalCompressor, temporal_for
 from .vision import check_merge_index
-
 
 # %% auto #0
 __all__ = ['checkpoint_config', 'add_media_tokens', 'load_nvila', 'inspect_checkpoint']
@@ -527,7 +526,8 @@ def _has_media_tokens(folder: Path) -> bool:
 
 def inspect_checkpoint(path) -> dict:
     """A summary of the checkpoint folder at `path` without building the model: format, config, a description,
-    per-part files / tensors / parameters / dtypes / bytes, and any mismatch with what the config describes."""
+    per-part files / tensors / parameters / dtypes / bytes (`temporal_compressor/` too when the config's temporal
+    compressor is learned), and any mismatch with what the config describes."""
     layout = _layout(path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -555,6 +555,17 @@ def inspect_checkpoint(path) -> dict:
                        "parameters": sum(torch.Size(s).numel() for s in shapes.values()),
                        "dtypes": dict(Counter(d for _, d in heads.values())),
                        "bytes": sum(f.stat().st_size for f in layout.files[part])}
+    want_t = temporal_keys(cfg)
+    if TEMPORAL_DIR in layout.files or want_t:  # the kit's own part, for a learned temporal compressor
+        heads = _headers(layout.files.get(TEMPORAL_DIR, []))
+        shapes = {k: s for k, (s, _) in heads.items()}
+        if shapes != want_t:
+            issues.append(f"{TEMPORAL_DIR}: holds {_few(shapes) or 'nothing'}; the config's temporal compressor "
+                          f"{cfg.temporal_compressor!r} expects {_few(want_t) or 'no weights'}")
+        parts[TEMPORAL_DIR] = {"files": [f.name for f in layout.files.get(TEMPORAL_DIR, [])], "tensors": len(heads),
+                               "parameters": sum(torch.Size(s).numel() for s in shapes.values()),
+                               "dtypes": dict(Counter(d for _, d in heads.values())),
+                               "bytes": sum(f.stat().st_size for f in layout.files.get(TEMPORAL_DIR, []))}
     total = sum(p["parameters"] for p in parts.values())
     like = _like_preset(cfg)
     vila_type = layout.sub["mm_projector"].get("mm_projector_type", cfg.projector)
