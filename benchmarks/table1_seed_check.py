@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from nvila_lab.config import get_config  # noqa: E402
 from nvila_lab.data import SyntheticVQA, load_tokenizer  # noqa: E402
-from nvila_lab.evaluate import run_setting  # noqa: E402
+from nvila_lab.experiment import run_setting  # noqa: E402
 from nvila_lab.tower_pretrain import load_pretrained_tower  # noqa: E402
 from nvila_lab.train import TrainConfig  # noqa: E402
 
@@ -65,8 +65,8 @@ def main() -> None:
     for key in keys:
         name, over, kw = SETTINGS[key]
         for seed in seeds:
-            r = run_setting(name, get_config("tiny", **over), tok, train_data, held_out, recipe,
-                            projector_kwargs=kw, seed=seed, tower=tower)
+            r = run_setting(name, get_config("tiny", **over).replace(projector_kwargs=kw or {}), tok, train_data,
+                            held_out, recipe, seed=seed, tower=tower)
             r |= {"seed": seed, "threads": a.threads, "torch": torch.__version__,
                   "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
             with out.open("a") as f:

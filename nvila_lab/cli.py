@@ -15,10 +15,12 @@ import sys
 import warnings
 
 from . import __version__
-from .config import get_config, list_presets, llm_params, vision_params
+from .config import MissingExtra, get_config, list_presets, llm_params, vision_params
+# nothing heavy here: torch, transformers, numpy and PIL are imported inside the commands that need them
 
 # %% auto #0
-__all__ = ['COMMANDS', 'UsageError', 'budget_table', 'preset_summary', 'task_table', 'build_parser', 'main']
+__all__ = ['COMMANDS', 'UsageError', 'parse_setting', 'import_plugin', 'configure', 'budget_table', 'preset_summary',
+           'task_table', 'build_parser', 'main']
 
 # %% ../nbs/80_cli.ipynb #0e9c41b1
 class UsageError(Exception):
@@ -33,8 +35,93 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         raise UsageError(self.prog, f"{message}; see `{self.prog} --help`")
 
-# %% ../nbs/80_cli.ipynb #00af083d
-from .tiling import MAX_SIDE, parse_size  # one size parser for the kit (notebook 02)
+
+def _one_line(e: BaseException) -> str:
+    "An exception's message on one line, without a trailing full stop."
+    return " ".join(str(e).split()).rstrip(".") or type(e).__name__
+
+# %% ../nbs/80_cli.ipynb #47c25fed
+def parse_setting(text: str) -> tuple[str, object]:
+    "`KEY=VALUE` of `--projector-arg` as `(key, value)`: VALUE read as a bool (true/false), None, int, float, else text."
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"must be KEY=VALUE with KEY a Python name, e.g. n_tokens=9; got {text!r}")
+    low = raw.strip().lower()
+    if low in ("true", "false"):
+        return key, low == "true"
+    if low in ("none", "null"):
+        return key, None
+    for kind in (int, float):
+        try:
+            return key, kind(raw)
+        except ValueError:
+            pass
+    return key, raw
+
+
+def import_plugin(spec: str) -> str:
+    """Import `spec`, a `.py` file or an importable module name, so the compressors it registers exist; returns the
+    module's name. Any failure is one `ValueError` line naming `spec` and the error."""
+    import importlib
+    import importlib.util
+    from pathlib import Path
+    path = Path(spec)
+    try:
+        if spec.endswith(".py") or path.is_file():
+            if not path.is_file():
+                raise FileNotFoundError(f"no such file {str(path)!r}")
+            name = "nvila_lab_plugin_" + re.sub(r"\W", "_", path.resolve().stem)
+            if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path.resolve()):
+                return name  # imported already (register_compressor would re-register the same class)
+            mod_spec = importlib.util.spec_from_file_location(name, path.resolve())
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[name] = module
+            try:
+                mod_spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+            return name
+        importlib.import_module(spec)
+        return spec
+    except Exception as e:
+        raise ValueError(f"--import {spec}: {type(e).__name__}: {_one_line(e)}") from None
+
+
+def configure(cfg, projector: str | None = None, settings: list | None = None):
+    """`cfg` with `--projector NAME` and `--projector-arg`s applied: a new compressor starts from its own defaults plus
+    `settings`; settings alone adjust the preset's compressor."""
+    kw = dict(settings or [])
+    if projector is None:
+        return cfg.replace(projector_kwargs={**cfg.projector_kwargs, **kw}) if kw else cfg
+    return cfg.replace(projector=projector, projector_kwargs=kw)
+
+
+def _add_plugin_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="PATH_OR_MODULE",
+                   help="a .py file or module to import first, e.g. one that registers a compressor with "
+                        "@register_compressor (repeatable)")
+    p.add_argument("--projector", metavar="NAME", default=None,
+                   help="use the compressor registered as NAME instead of the preset's")
+    p.add_argument("--projector-arg", dest="projector_args", action="append", default=[], type=parse_setting,
+                   metavar="KEY=VALUE", help="a setting of the compressor, e.g. n_tokens=9 (repeatable)")
+
+
+def _plugins(prog: str, args) -> None:
+    "Import every `--import` of `args`, or raise a one-line `UsageError`."
+    for spec in args.imports:
+        try:
+            import_plugin(spec)
+        except ValueError as e:
+            raise UsageError(prog, str(e)) from None
+
+
+def _no_projector_flags(prog: str, args) -> None:
+    "eval/ask build the checkpoint's own compressor: refuse --projector / --projector-arg there."
+    if args.projector is not None or args.projector_args:
+        raise UsageError(prog, "a checkpoint brings its own compressor and settings, so --projector and "
+                               "--projector-arg do not apply; use --import to register a plug-in's class")
 
 # %% ../nbs/80_cli.ipynb #0df09e32
 def _whole_number(text: str, least: int) -> int:
@@ -65,7 +152,8 @@ def _add_budget(sub) -> argparse.ArgumentParser:
         description="Grid, tiles, vision-tower passes, visual tokens and LLM positions (and FLOPs) of images or a "
                     "video under a preset. Arithmetic only: no model is loaded.",
         epilog="examples:  nvila-lab budget 1344x896 448x448 --preset nvila-8b\n"
-               "           nvila-lab budget --video --frames 256 --temporal-pool 8 --preset nvila-8b-video --json",
+               "           nvila-lab budget --video --frames 256 --temporal-pool 8 --preset nvila-8b-video --json\n"
+               "           nvila-lab budget --import my_pool.py --projector my_pool --projector-arg k=4 1000x700",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sizes", nargs="*", metavar="SIZE", help="image size WIDTHxHEIGHT in pixels, e.g. 1344x896")
     p.add_argument("--preset", metavar="NAME", default=None,
@@ -76,6 +164,7 @@ def _add_budget(sub) -> argparse.ArgumentParser:
     p.add_argument("--temporal-pool", type=_positive_int, metavar="P", default=None,
                    help="average tokens of P consecutive frames (default: the preset's temporal_pool)")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per input")
+    _add_plugin_flags(p)
     return p
 
 
@@ -105,7 +194,7 @@ def budget_table(budgets: list) -> str:
 
 def _run_budget(args, out, err) -> int:
     from nvila_lab.budget import image_budget, video_budget
-    from nvila_lab.tiling import plan_image
+    from nvila_lab.tiling import parse_size, plan_image
     prog = "nvila-lab budget"
     if args.video and args.sizes:
         raise UsageError(prog, f"--video takes no image sizes (got {' '.join(args.sizes)}); "
@@ -122,17 +211,22 @@ def _run_budget(args, out, err) -> int:
     except ValueError as e:  # ConfigError is a ValueError
         hint = "; `nvila-lab presets` describes them" if "unknown preset" in str(e) else ""
         raise UsageError(prog, f"{str(e).rstrip('.')}{hint}") from None
-    if args.video:
-        budgets = [video_budget(args.frames, cfg, args.temporal_pool)]
-    else:
-        budgets = []
-        for size in sizes:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                plan = plan_image(size, cfg, warn=True)
-            for w in caught:
-                print(f"{prog}: warning: {w.message}", file=err)
-            budgets.append(image_budget(size, cfg, plan=plan))
+    _plugins(prog, args)
+    cfg = configure(cfg, args.projector, args.projector_args)
+    try:
+        if args.video:
+            budgets = [video_budget(args.frames, cfg, args.temporal_pool)]
+        else:
+            budgets = []
+            for size in sizes:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    plan = plan_image(size, cfg, warn=True)
+                for w in caught:
+                    print(f"{prog}: warning: {w.message}", file=err)
+                budgets.append(image_budget(size, cfg, plan=plan))
+    except ValueError as e:  # an unknown compressor (the registry's message) or settings it refuses
+        raise UsageError(prog, _one_line(e)) from None
     if args.json:
         print(json.dumps([b.to_dict() for b in budgets], indent=2), file=out)
     else:
@@ -170,11 +264,6 @@ def _positive_float(text: str) -> float:
     if not 0 < v < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
     return v
-
-
-def _one_line(e: BaseException) -> str:
-    "An exception's message on one line, without a trailing full stop."
-    return " ".join(str(e).split()).rstrip(".") or type(e).__name__
 
 
 def _is_tty(stream) -> bool:
@@ -289,6 +378,7 @@ def _add_ask(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_non_negative_int, metavar="S", default=None,
                    help="random seed for a repeatable sample (with --sample)")
     p.add_argument("--device", metavar="DEV", default=None, help="torch device to load the model on (default: cpu)")
+    _add_plugin_flags(p)
     return p
 
 
@@ -309,13 +399,19 @@ def _add_eval(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive_int, metavar="N", default=8,
                    help="longest answer in tokens (default 8)")
     p.add_argument("--device", metavar="DEV", default=None, help="torch device to load the model on (default: cpu)")
+    _add_plugin_flags(p)
     return p
 
 
 def _checkpoint_dir(prog: str, path: str):
-    "`path` as a `Path` if it is an existing folder, else a `UsageError`."
+    "`path` as a `Path` if it is an existing folder (a `train` run folder stands for its checkpoint/), else a `UsageError`."
     from pathlib import Path
     p = Path(path)
+    if (p / "run.json").is_file() and (p / "checkpoint" / "config.json").is_file():
+        return p / "checkpoint"  # the folder of `nvila-lab train --out`
+    if (p / "run.json").is_file():
+        raise UsageError(prog, f"the training run in {path!r} has no checkpoint yet (stopped early?); finish it with "
+                               f"`nvila-lab train --out {path} --resume`")
     if not p.exists():
         raise UsageError(prog, f"checkpoint folder {path!r} not found; pass the folder a model was saved to")
     if not p.is_dir():
@@ -333,7 +429,8 @@ def _load_model(prog: str, path, device: str | None):
     try:
         return load_nvila(path, device=device)
     except (ValueError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError; a bad --device a RuntimeError
-        raise UsageError(prog, f"cannot load the checkpoint: {_one_line(e)}") from None
+        hint = ("; if a plug-in defines it, add --import FILE_OR_MODULE" if "unknown compressor" in str(e) else "")
+        raise UsageError(prog, f"cannot load the checkpoint: {_one_line(e)}{hint}") from None
 
 
 def _run_ask(args, out, err) -> int:
@@ -345,7 +442,9 @@ def _run_ask(args, out, err) -> int:
                                        f"add --sample or drop {flag}")
     if not args.question.strip():
         raise UsageError(prog, "the question is empty; ask something about the image or video, in quotes")
+    _no_projector_flags(prog, args)
     ckpt = _checkpoint_dir(prog, args.checkpoint)
+    _plugins(prog, args)
     from nvila_lab.images import ImageError, load_image
     from nvila_lab.temporal import Video, is_video
     try:
@@ -370,21 +469,30 @@ def _run_ask(args, out, err) -> int:
     return 0
 
 
-def _run_eval(args, out, err) -> int:
-    prog = "nvila-lab eval"
-    ckpt = _checkpoint_dir(prog, args.checkpoint)
+def _data_rows(prog: str, folder: str) -> list:
+    "The rows of a make-data folder, or a one-line `UsageError`."
     from pathlib import Path
     from nvila_lab.data import DatasetError, load_dataset
-    data = Path(args.data)
+    data = Path(folder)
     if not (data / "data.jsonl").is_file():
         what = ("has no data.jsonl, so it is not a dataset" if data.is_dir() else
                 "is a file, not a dataset folder" if data.exists() else "not found")
-        raise UsageError(prog, f"data folder {args.data!r} {what}; make one with "
+        raise UsageError(prog, f"data folder {folder!r} {what}; make one with "
                                f"`nvila-lab make-data --n 100 --seed 1 --out NEW_FOLDER`")
     try:
-        rows = load_dataset(data)
+        return load_dataset(data)
     except DatasetError as e:
         raise UsageError(prog, _one_line(e)) from None
+
+
+def _run_eval(args, out, err) -> int:
+    prog = "nvila-lab eval"
+    _no_projector_flags(prog, args)
+    ckpt = _checkpoint_dir(prog, args.checkpoint)
+    from pathlib import Path
+    data = Path(args.data)
+    rows = _data_rows(prog, args.data)
+    _plugins(prog, args)
     model = _load_model(prog, ckpt, args.device)
     from nvila_lab.evaluate import evaluate
     try:
@@ -399,6 +507,197 @@ def _run_eval(args, out, err) -> int:
         print(report, file=out)
     return 0
 
+# %% ../nbs/80_cli.ipynb #ad1fcc5f
+_TRAIN_SETTINGS = ("preset", "init", "data", "stages", "steps", "batch_size", "lr", "seed", "log_every", "save_every",
+                   "projector", "projector_args")
+
+
+def _add_train(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train", help="train a model (a preset or a checkpoint) on make-data folders through NVILA's stages",
+        description="Train a fresh model of --preset (or the checkpoint --init) on the --data folders through the "
+                    "--stage(s) in order, --steps steps each, with a GLOBAL batch of --batch-size examples. Writes a "
+                    "resumable state as it goes and the checkpoint (eval/ask load it: --checkpoint OUT) at the end. "
+                    "Runs unchanged under `accelerate launch` (same losses and weights as one process).",
+        epilog="examples:  nvila-lab make-data --n 100 --out data/train\n"
+               "           nvila-lab train --preset tiny --data data/train --stage scratch --steps 200 --out runs/a\n"
+               "           accelerate launch --num_processes 2 --cpu -m nvila_lab.cli train --preset tiny "
+               "--data data/train --steps 200 --batch-size 8 --out runs/b --json\n"
+               "           nvila-lab train --out runs/a --resume",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", metavar="NAME", default=None, help="start from a fresh model of this preset")
+    p.add_argument("--init", metavar="DIR", default=None, help="start from this checkpoint folder instead")
+    p.add_argument("--data", metavar="DIR", action="append", default=None,
+                   help="a dataset folder written by `nvila-lab make-data` (repeatable)")
+    p.add_argument("--stage", dest="stages", metavar="NAME", action="append", default=None,
+                   help="a stage of notebook 10, e.g. projector-align, image-sft, peft, scratch (repeatable, run in "
+                        "order; default scratch)")
+    p.add_argument("--steps", type=_positive_int, metavar="N", default=None, help="optimizer steps per stage (default 100)")
+    p.add_argument("--batch-size", type=_positive_int, metavar="N", default=None,
+                   help="global batch: examples per step over all processes (default 8)")
+    p.add_argument("--lr", type=_positive_float, metavar="LR", default=None, help="learning rate (default: the stage's)")
+    p.add_argument("--seed", type=_non_negative_int, metavar="S", default=None, help="seed of the init and data order (default 0)")
+    p.add_argument("--log-every", type=_positive_int, metavar="N", default=None, help="steps per logged loss (default 10)")
+    p.add_argument("--save-every", type=_positive_int, metavar="N", default=None,
+                   help="steps between resumable states (default 50)")
+    p.add_argument("--out", metavar="DIR", required=True, help="run folder: new or empty, unless --resume")
+    p.add_argument("--resume", action="store_true", help="continue the stopped run in --out with its saved settings")
+    p.add_argument("--stop-after", type=_positive_int, metavar="N", default=None,
+                   help="stop after N steps of the run (over all stages), saving the state; --resume continues")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    _add_plugin_flags(p)
+    return p
+
+
+def _train_settings(prog: str, args, out_dir) -> dict:
+    "The run's settings: from the flags for a new run, from OUT/run.json with --resume."
+    run_file = out_dir / "run.json"
+    if args.resume:
+        flag = {"stages": "--stage", "projector_args": "--projector-arg"}
+        given = [flag.get(k, "--" + k.replace("_", "-")) for k in _TRAIN_SETTINGS if getattr(args, k) not in (None, [])]
+        if given:
+            raise UsageError(prog, f"--resume continues with the settings saved in {run_file}; drop {', '.join(given)}")
+        if not run_file.is_file():
+            raise UsageError(prog, f"{out_dir} has no run.json to resume; start the run with --out {out_dir} "
+                                   "(without --resume)")
+        s = json.loads(run_file.read_text())
+        return s | {"imports": s["imports"] + [i for i in args.imports if i not in s["imports"]]}
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UsageError(prog, f"{out_dir} is not an empty folder; choose a new one, or add --resume to continue "
+                               "the run there")
+    if (args.preset is None) == (args.init is None):
+        raise UsageError(prog, "give either --preset NAME (a fresh model) or --init DIR (a checkpoint), not "
+                               f"{'both' if args.preset else 'neither'}")
+    if not args.data:
+        raise UsageError(prog, "give at least one --data DIR (a folder written by `nvila-lab make-data`)")
+    from pathlib import Path
+    from nvila_lab.train import get_stage
+    stages = args.stages or ["scratch"]
+    for s in stages:
+        try:
+            get_stage(s)
+        except ValueError as e:
+            raise UsageError(prog, _one_line(e)) from None
+    absolute = lambda p: str(Path(p).expanduser().absolute())
+    return {"preset": args.preset, "init": absolute(args.init) if args.init else None,
+            "data": [absolute(d) for d in args.data], "stages": stages, "steps": args.steps or 100,
+            "batch_size": args.batch_size or 8, "lr": args.lr, "seed": args.seed or 0,
+            "log_every": args.log_every or 10, "save_every": args.save_every or 50,
+            "projector": args.projector, "projector_args": [list(kv) for kv in args.projector_args],
+            "imports": [absolute(i) if i.endswith(".py") or Path(i).is_file() else i for i in args.imports]}
+
+
+def _build_for_training(prog: str, s: dict):
+    "The model a run starts from: a fresh preset model (seeded) or a checkpoint, with the run's compressor."
+    import torch
+    from nvila_lab.model import NVILAModel
+    settings = [tuple(kv) for kv in s["projector_args"]]
+    torch.manual_seed(s["seed"])
+    try:
+        if s["init"] is not None:
+            model = _load_model(prog, _checkpoint_dir(prog, s["init"]), None).train()
+            if s["projector"] is None and not settings:
+                return model
+            from nvila_lab.encoder import ImageEncoder  # a new compressor starts fresh, as in NVILA's stage 1
+            cfg = configure(model.cfg, s["projector"], settings)
+            return NVILAModel(cfg, model.tokenizer, encoder=ImageEncoder(cfg, tower=model.encoder.tower), llm=model.llm)
+        from nvila_lab.config import get_config
+        from nvila_lab.data import load_tokenizer
+        tok = load_tokenizer()
+        cfg = get_config(s["preset"])
+        if len(tok) > cfg.vocab_size:  # the kit's tokenizer carries media tokens beyond a tiny preset's vocabulary
+            cfg = cfg.replace(vocab_size=len(tok))
+        return NVILAModel(configure(cfg, s["projector"], settings), tok)
+    except ValueError as e:  # an unknown preset or compressor (ConfigError), settings the compressor refuses
+        hint = "; `nvila-lab presets` describes them" if "unknown preset" in str(e) else ""
+        raise UsageError(prog, f"{_one_line(e)}{hint}") from None
+
+
+def _warn_single_process(prog: str, acc, err) -> None:
+    "`accelerate launch --cpu --num_processes N` without MPI starts ONE process (accelerate's simple launcher): say so."
+    if acc.num_processes == 1 and "MASTER_PORT" in os.environ and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true":
+        print(f"{prog}: warning: accelerate launched one process (its --cpu launcher needs MPI for more); for N CPU "
+              "processes run `CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes N ...` (gloo) "
+              "or torchrun", file=err)
+
+
+def _run_train(args, out, err) -> int:
+    prog = "nvila-lab train"
+    from pathlib import Path
+    out_dir = Path(args.out).expanduser().absolute()
+    s = _train_settings(prog, args, out_dir)
+    for spec in s["imports"]:  # the plug-ins first: the model (or a checkpoint) may need their compressors
+        try:
+            import_plugin(spec)
+        except ValueError as e:
+            raise UsageError(prog, str(e)) from None
+    rows = [r for d in s["data"] for r in _data_rows(prog, d)]
+    if not rows:
+        raise UsageError(prog, f"the --data folders hold no examples: {', '.join(s['data'])}")
+    import time
+    import torch
+    from nvila_lab.train import TrainConfig, make_accelerator, merge_lora, train
+    acc = make_accelerator()
+    _warn_single_process(prog, acc, err)
+    if s["batch_size"] < acc.num_processes:
+        raise UsageError(prog, f"--batch-size {s['batch_size']} is the global batch; it must be at least the "
+                               f"{acc.num_processes} processes")
+    model = _build_for_training(prog, s)
+    acc.wait_for_everyone()  # every process has checked --out before the main one writes there
+    if acc.is_main_process and not args.resume:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "run.json").write_text(json.dumps(s, indent=1))
+    t0, stages, stopped, done = time.perf_counter(), [], False, 0
+    for i, name in enumerate(s["stages"]):
+        folder = out_dir / "stages" / f"{i + 1}-{name}"
+        offset = i * s["steps"]
+        stop = None
+        if args.stop_after is not None and args.stop_after < offset + s["steps"]:
+            stop = max(0, args.stop_after - offset)
+        state = folder / "train_state"
+        if stop == 0 and not (state / "state.json").exists():
+            stopped = True
+            break
+        tc = TrainConfig(stage=name, steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], seed=s["seed"],
+                         log_every=s["log_every"], save_every=s["save_every"], out_dir=str(folder), stop_after=stop)
+        hist = train(model, rows, tc, resume=state if (state / "state.json").exists() else None, progress=True,
+                     accelerator=acc)
+        last = hist.records[-1] if hist.records else {}
+        stages.append({"stage": name, "steps": last.get("step", 0), "final_loss": last.get("loss"),
+                       "history": [{"step": r["step"], "loss": r["loss"], "lr": r["lr"]} for r in hist.records]})
+        done = offset + last.get("step", 0)
+        if last.get("step", 0) < s["steps"]:
+            stopped = True
+            break
+    result = {"steps": done, "final_loss": stages[-1]["final_loss"] if stages else None,
+              "seconds": round(time.perf_counter() - t0, 2), "out": str(out_dir), "checkpoint": None,
+              "processes": acc.num_processes, "stopped": stopped, "projector": model.cfg.projector,
+              "projector_kwargs": dict(model.cfg.projector_kwargs), "stages": stages}
+    if not stopped:
+        ckpt = out_dir / "checkpoint"
+        if acc.is_main_process:
+            from nvila_lab.checkpoint import save_nvila
+            merge_lora(model)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                save_nvila(model, ckpt, overwrite=True)
+            for w in caught:
+                print(f"{prog}: warning: {_one_line(w.message)}", file=err)
+        acc.wait_for_everyone()
+        result["checkpoint"] = str(ckpt)
+    if not acc.is_main_process:
+        return 0
+    if args.json:
+        print(json.dumps(result, indent=2), file=out)
+    elif stopped:
+        print(f"stopped after step {done} of {len(s['stages']) * s['steps']}; continue with "
+              f"`nvila-lab train --out {out_dir} --resume`", file=out)
+    else:
+        print(f"trained {done} steps ({', '.join(s['stages'])}) in {result['seconds']:.1f} s on {acc.num_processes} "
+              f"process(es), final loss {result['final_loss']:.4f}; checkpoint {result['checkpoint']} "
+              f"(nvila-lab eval --checkpoint {out_dir} --data DIR)", file=out)
+    return 0
+
 # %% ../nbs/80_cli.ipynb #890cac6d
 # Each command: name -> (add its subparser, run it).
 COMMANDS = {
@@ -407,6 +706,7 @@ COMMANDS = {
     "make-data": (_add_make_data, _run_make_data),
     "ask": (_add_ask, _run_ask),
     "eval": (_add_eval, _run_eval),
+    "train": (_add_train, _run_train),
 }
 
 
@@ -425,20 +725,26 @@ def main(argv: list[str] | None = None) -> int:
     out, err = sys.stdout, sys.stderr
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
+    command = None
     try:
         args, extra = parser.parse_known_args(argv)
         if extra:  # argparse reads "-5x5" as an unknown option; say what it really is
             sizes = [a for a in extra if re.match(r"^-[0-9]", a)]
             if sizes and args.command == "budget":
+                from nvila_lab.tiling import parse_size
                 parse_size(sizes[0])  # raises the size message
             prog = f"nvila-lab{' ' + args.command if args.command else ''}"
             quote = "; put the question in quotes" if args.command == "ask" else ""
             raise UsageError(prog, f"unrecognized arguments: {' '.join(extra)}{quote}; see `{prog} --help`")
+        command = args.command
         if args.command is None:
             raise UsageError("nvila-lab", f"choose a command: {', '.join(COMMANDS)}; see `nvila-lab --help`")
         return COMMANDS[args.command][1](args, out, err)
     except UsageError as e:
         print(f"{e.prog}: error: {e}", file=err)
+        return 2
+    except MissingExtra as e:  # an optional package a command needs: one line naming the extra to install
+        print(f"nvila-lab{' ' + command if command else ''}: error: {_one_line(e)}", file=err)
         return 2
     except ValueError as e:  # parse_size on a negative size read as an option
         print(f"nvila-lab budget: error: {e}", file=err)

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 from .data import TASKS, load_dataset, row_media
 
 # %% auto #0
-__all__ = ['normalize_answer', 'TaskScore', 'EvalReport', 'generate_batch', 'find_task', 'evaluate', 'run_setting']
+__all__ = ['normalize_answer', 'TaskScore', 'EvalReport', 'generate_batch', 'find_task', 'evaluate']
 
 # %% ../nbs/11_eval.ipynb #5f0de5dc
 _SPACES = re.compile(r"\s+")
@@ -275,57 +275,3 @@ def evaluate(model, data, batch_size: int = 16, max_new_tokens: int = 8, progres
     errs = [{k: e[k] for k in ("id", "task", "question", "answer", "prediction")} for e in _pick_errors(errors, n_errors)]
     return EvalReport(scores, seconds=time.perf_counter() - t0, max_new_tokens=max_new_tokens, errors=errs,
                       predictions=predictions)
-
-# %% ../nbs/11_eval.ipynb #f8d75a76
-def run_setting(name: str, cfg, tokenizer, train_data, held_out, schedule: list, projector_kwargs: dict | None = None,
-                seed: int = 0, progress: bool = False, init: dict | None = None,
-                tower: "torch.nn.Module | None" = None) -> dict:
-    """Train a fresh `NVILAModel(cfg)` through `schedule`, score it on `held_out`.
-
-    `schedule` holds, in order, `TrainConfig`s (trained on `train_data`) or `(TrainConfig, data)` pairs (trained on
-    their own data, e.g. a warm-up on small pages). The model starts from random weights, from the state dict `init`
-    (e.g. an image-trained model, as NVILA's video SFT starts from its image SFT), and/or with the weights of the
-    pretrained vision `tower` (e.g. `load_pretrained_tower()`, the stand-in for SigLIP). `init` may leave out the
-    projector (`encoder.projector.*`), which then starts fresh: a pretrained tower and LLM meet a new projector, as
-    in NVILA's stage 1.
-    -> {'setting', 'visual_tokens', 'llm_positions', 'train_steps', 'train_seconds', 'stage_seconds', 'accuracy',
-    'n_eval'}."""
-    import torch
-    from nvila_lab.data import row_media
-    from nvila_lab.encoder import ImageEncoder
-    from nvila_lab.model import NVILAModel
-    from nvila_lab.train import TrainConfig, train
-    if not schedule:
-        raise ValueError("schedule is empty: give at least one TrainConfig")
-    steps_and_data = []
-    for i, item in enumerate(schedule):
-        tc, data = item if isinstance(item, tuple) and len(item) == 2 else (item, train_data)
-        if not isinstance(tc, TrainConfig):
-            raise TypeError(f"schedule[{i}] must be a TrainConfig or a (TrainConfig, data) pair, got {type(item).__name__}")
-        steps_and_data.append((tc, data))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = NVILAModel(cfg, tokenizer, encoder=ImageEncoder(cfg, **(projector_kwargs or {})))
-        if init is not None:
-            missing, unexpected = model.load_state_dict(init, strict=False)
-            wrong = [k for k in missing if not k.startswith("encoder.projector.")] + list(unexpected)
-            if wrong:
-                raise ValueError(f"init does not fit {cfg.name!r}: {len(wrong)} missing or unexpected tensors, e.g. "
-                                 f"{wrong[:3]}; only the projector (encoder.projector.*) may be left out")
-        if tower is not None:
-            try:
-                model.encoder.tower.load_state_dict(tower.state_dict())
-            except RuntimeError as e:
-                raise ValueError(f"the pretrained tower does not fit {cfg.name!r}'s vision tower; pretrain one with "
-                                 f"this config's vision sizes (notebook 09a): {e}") from None
-        stage_seconds, steps = [], 0
-        for tc, data in steps_and_data:
-            hist = train(model, data, tc, progress=progress)
-            stage_seconds.append(round(hist.records[-1]["seconds"], 1) if hist.records else 0.0)
-            steps += tc.steps
-        report = evaluate(model, held_out, progress=False)
-    with torch.no_grad():
-        (media, _), = model.encode_media([row_media(held_out[0])])
-    return {"setting": name, "visual_tokens": media.n_tokens, "llm_positions": media.n_positions,
-            "train_steps": steps, "train_seconds": round(sum(stage_seconds), 1), "stage_seconds": stage_seconds,
-            "accuracy": {t: s.accuracy for t, s in report.tasks.items()}, "n_eval": report.n}

@@ -15,17 +15,19 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import TILING_MODES
+from .config import IGNORE_INDEX, TILING_MODES, did_you_mean
 from .data import row_media
 from .model import NVILAModel
 
 # %% auto #0
 __all__ = ['VISION_MODES', 'LLM_MODES', 'STAGES', 'LORA_TARGETS', 'Stage', 'get_stage', 'apply_stage', 'merge_lora',
-           'count_trainable', 'TrainConfig', 'TrainHistory', 'save_train_state', 'train']
+           'count_trainable', 'TrainConfig', 'TrainHistory', 'AnswerLoss', 'step_rows', 'shard', 'save_train_state',
+           'make_accelerator', 'train']
 
 # %% ../nbs/10_train.ipynb #088decfb
 VISION_MODES = ("full", "layernorm", "frozen")
@@ -68,7 +70,7 @@ def get_stage(stage: str | Stage) -> Stage:
     if isinstance(stage, Stage):
         return stage
     if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        raise ValueError(did_you_mean("stage", stage, list(STAGES), "Or pass a Stage(...) of your own."))
     return STAGES[stage]
 
 # %% ../nbs/10_train.ipynb #eb7cab5a
@@ -131,7 +133,7 @@ class TrainConfig:
     "How long and how to train; the stage says what trains."
     stage: str | Stage = "scratch"
     steps: int = 600
-    batch_size: int = 16
+    batch_size: int = 16  # the GLOBAL batch of one step, split over the processes of `accelerate launch`
     lr: float | None = None  # overrides the stage's LR when set
     grad_clip: float = 1.0
     seed: int = 0
@@ -139,6 +141,7 @@ class TrainConfig:
     save_every: int | None = None  # steps between resumable states in out_dir (None: only at the end)
     out_dir: str | None = None
     tiling: str | None = None  # encode training images with this tiling mode ('resize': one tile) instead of the model's
+    stop_after: int | None = None  # stop (saving the state) after this step, as an interruption would; resume continues
 
 
 @dataclass
@@ -158,14 +161,40 @@ class TrainHistory:
                 f"{r1['loss']:.3f}, {r1['seconds']:.0f}s, {r1['examples_per_s']:.1f} examples/s)")
 
 
-def _collate(rows):
-    return rows  # lists of dicts; images stay PIL until the encoder cuts them
+class AnswerLoss(nn.Module):
+    "Wraps an `NVILAModel`: forward -> (sum of the answer tokens' cross-entropy, number of answer tokens) of a batch."
+    def __init__(self, model: NVILAModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, media: list, questions: list[str], answers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, mask, labels = self.model.batch(media, questions, answers)  # [B, P, D], [B, P], [B, P]
+        logits = self.model.llm(inputs_embeds=embeds, attention_mask=mask).logits  # [B, P, V]
+        target = labels[:, 1:]  # position t predicts token t + 1
+        total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX,
+                                reduction="sum")
+        return total, (target != IGNORE_INDEX).sum()
+
+
+def step_rows(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    "Indices of the global batch of `step` (0-based): the `step`-th slice of a permutation drawn from (seed, epoch)."
+    per_epoch = max(1, n // batch_size)  # full batches only, unless the data is smaller than one batch
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[k * batch_size:(k + 1) * batch_size].tolist()
+
+
+def shard(rows: list, rank: int, world: int) -> list:
+    "Process `rank`'s contiguous slice of a global batch (sizes differ by at most one)."
+    q, r = divmod(len(rows), world)
+    start = rank * q + min(rank, r)
+    return rows[start:start + q + (rank < r)]
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
     "Optimizer state as (flat tensors for safetensors, JSON-ready rest)."
     sd = opt.state_dict()
-    tensors = {f"{i}.{k}": v.contiguous() for i, st in sd["state"].items() for k, v in st.items()
+    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()
                if isinstance(v, torch.Tensor)}
     rest = {"param_groups": [{k: v for k, v in g.items()} for g in sd["param_groups"]],
             "scalars": {f"{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items()
@@ -203,11 +232,20 @@ def save_train_state(folder: str | Path, model: NVILAModel, opt, sched, step: in
     return folder
 
 
+def make_accelerator(**kwargs):
+    """The `Accelerator` `train` uses: CPU without CUDA, and DDP told that some trainable weights get no gradient
+    (NVILA reads the tower's second-to-last layer, so its last layer is unused)."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    kwargs.setdefault("cpu", not torch.cuda.is_available())
+    return Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)], **kwargs)
+
+
 def train(model: NVILAModel, data, tc: TrainConfig | None = None, resume: str | Path | None = None,
           progress: bool = True, accelerator=None, callback=None) -> TrainHistory:
     """Train `model` on `data` (indexable dataset of image/question/answer dicts) for `tc.steps` steps of `tc.stage`.
-    `callback(step, history, model)` runs after every log step (e.g. a held-out evaluation; return a dict to log it)."""
-    from accelerate import Accelerator
+    `callback(step, history, model)` runs after every log step (e.g. a held-out evaluation; return a dict to log it).
+    Under `accelerate launch` every process runs this same call; the result equals a one-process run. A given
+    `accelerator` must be built like `make_accelerator()` (DDP with `find_unused_parameters=True`)."""
     from transformers import get_cosine_schedule_with_warmup
     tc = tc or TrainConfig()
     stage = get_stage(tc.stage)
@@ -217,63 +255,67 @@ def train(model: NVILAModel, data, tc: TrainConfig | None = None, resume: str | 
         raise ValueError("the training data is empty")
     if tc.tiling is not None and tc.tiling not in TILING_MODES:
         raise ValueError(f"TrainConfig.tiling must be None (the model's own) or one of {TILING_MODES}, got {tc.tiling!r}")
+    acc = accelerator or make_accelerator()
+    world, rank = acc.num_processes, acc.process_index
+    if tc.batch_size < world:
+        raise ValueError(f"batch_size {tc.batch_size} is the global batch and must be at least the number of "
+                         f"processes ({world}); raise it or launch fewer processes")
     torch.manual_seed(tc.seed)
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     groups = apply_stage(model, stage)
+    model.to(acc.device)
     opt = torch.optim.AdamW(groups, weight_decay=0.0)  # NVILA: AdamW, no weight decay
     sched = get_cosine_schedule_with_warmup(opt, max(1, int(stage.warmup_ratio * tc.steps)), tc.steps)
-    gen = torch.Generator().manual_seed(tc.seed)
-    loader = torch.utils.data.DataLoader(data, batch_size=tc.batch_size, shuffle=True, generator=gen,
-                                         collate_fn=_collate, drop_last=len(data) >= tc.batch_size)
     history, start = TrainHistory(), 0
     if resume is not None:
         resume = Path(resume)
         if not (resume / "state.json").exists():
             raise FileNotFoundError(f"{resume}: no training state (state.json) to resume from")
         st = json.loads((resume / "state.json").read_text())
-        load_model(model, str(resume / "model.safetensors"))
-        _load_optimizer(opt, load_file(str(resume / "optimizer.safetensors")), st["optimizer"])
+        load_model(model, str(resume / "model.safetensors"), device=str(acc.device))
+        _load_optimizer(opt, load_file(str(resume / "optimizer.safetensors"), device=str(acc.device)), st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         history.records, start = st["history"], st["step"]
         torch.set_rng_state(torch.tensor(st["torch_rng"], dtype=torch.uint8))
-        gen.manual_seed(tc.seed + start)  # a fresh, reproducible order for the remaining steps
-    model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
-    core = acc.unwrap_model(model)
-    tiling = (lambda: core.encoder.tiling_as(tc.tiling)) if tc.tiling else contextlib.nullcontext
-    model.train()
+    # the scheduler stays unprepared: accelerate would step it once per process
+    wrapped, popt = acc.prepare(AnswerLoss(model), opt)
+    tiling = (lambda: model.encoder.tiling_as(tc.tiling)) if tc.tiling else contextlib.nullcontext
+    params = [p for g in groups for p in g["params"]]
+    end = min(tc.steps, tc.stop_after) if tc.stop_after is not None else tc.steps
+    wrapped.train()
     t0 = time.perf_counter() - (history.records[-1]["seconds"] if history.records else 0.0)
     seen, running = 0, []
     bar = tqdm(total=tc.steps, initial=start, disable=not progress or not acc.is_main_process, desc=stage.name)
-    step = start
-    while step < tc.steps:
-        for rows in loader:
-            if step >= tc.steps:
-                break
-            with tiling():
-                loss = model([row_media(r) for r in rows], [r["question"] for r in rows],
-                             [r["answer"] for r in rows])
-            acc.backward(loss)
-            if tc.grad_clip:
-                acc.clip_grad_norm_([p for g in groups for p in g["params"]], tc.grad_clip)
-            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-            step += 1; seen += len(rows); running.append(loss.item())
-            if step % tc.log_every == 0 or step == tc.steps:
-                secs = time.perf_counter() - t0
-                history.records.append({"step": step, "loss": sum(running) / len(running),
-                                        "lr": sched.get_last_lr()[-1], "seconds": secs,
-                                        "examples_per_s": seen / max(secs, 1e-9)})
-                running = []
-                if callback is not None:
-                    extra = callback(step, history, core)
-                    if isinstance(extra, dict):
-                        history.records[-1].update(extra)
-                    core.train()
-                bar.set_postfix(loss=f"{history.records[-1]['loss']:.3f}")
-            bar.update(1)
-            if tc.out_dir and tc.save_every and step % tc.save_every == 0 and acc.is_main_process:
-                save_train_state(Path(tc.out_dir) / "train_state", core, opt, sched, step, history, tc)
+    for step in range(start, end):
+        rows = [data[i] for i in shard(step_rows(len(data), tc.batch_size, tc.seed, step), rank, world)]
+        with tiling():
+            total, n_tokens = wrapped([row_media(r) for r in rows], [r["question"] for r in rows],
+                                      [r["answer"] for r in rows])
+        n_global = acc.reduce(n_tokens.detach().float(), "sum")  # answer tokens of the whole global batch
+        acc.backward(total * world / n_global.clamp(min=1))  # DDP averages gradients over the processes
+        if tc.grad_clip:
+            acc.clip_grad_norm_(params, tc.grad_clip)
+        popt.step(); sched.step(); popt.zero_grad(set_to_none=True)
+        loss = (acc.reduce(total.detach(), "sum") / n_global.clamp(min=1)).item()
+        seen += tc.batch_size; running.append(loss)
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.steps or done == end:
+            secs = time.perf_counter() - t0
+            history.records.append({"step": done, "loss": sum(running) / len(running),
+                                    "lr": sched.get_last_lr()[-1], "seconds": secs,
+                                    "examples_per_s": seen / max(secs, 1e-9)})
+            running = []
+            if callback is not None:
+                extra = callback(done, history, model)
+                if isinstance(extra, dict):
+                    history.records[-1].update(extra)
+                wrapped.train()
+            bar.set_postfix(loss=f"{history.records[-1]['loss']:.3f}")
+        bar.update(1)
+        if tc.out_dir and tc.save_every and done % tc.save_every == 0 and done != end and acc.is_main_process:
+            save_train_state(Path(tc.out_dir) / "train_state", model, opt, sched, done, history, tc)
     bar.close()
     if tc.out_dir and acc.is_main_process:
-        save_train_state(Path(tc.out_dir) / "train_state", core, opt, sched, step, history, tc)
+        save_train_state(Path(tc.out_dir) / "train_state", model, opt, sched, max(start, end), history, tc)
+    acc.wait_for_everyone()
     model.eval()
     return history

@@ -16,6 +16,27 @@ from nvila_lab.config import list_presets
 
 CMD = [sys.executable, "-m", "nvila_lab.cli"]
 
+PLUGIN = """
+from torch import nn
+from nvila_lab.compress import TokenCompressor, register_compressor
+
+
+@register_compressor("my_pool")
+class MyPool(TokenCompressor):
+    "k x k average pooling of each tile, then a linear map."
+    def __init__(self, in_dim, out_dim, k: int = 2, bias: bool = True):
+        super().__init__(in_dim, out_dim)
+        self.k = k
+        self.proj = nn.Linear(in_dim, out_dim, bias=bias)
+
+    def output_grid(self, h, w):
+        return (h // self.k, w // self.k)
+
+    def forward(self, x, **kw):  # [N, h, w, C] -> [N, (h/k)(w/k), D]
+        x = nn.functional.avg_pool2d(x.permute(0, 3, 1, 2), self.k).permute(0, 2, 3, 1)
+        return self.proj(x.flatten(1, 2))
+"""
+
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     "Run `nvila-lab ARGS` in a fresh interpreter; stdout and stderr as text."
@@ -203,13 +224,28 @@ def test_budget_does_not_import_transformers():
     assert r.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_importtime_has_no_transformers():
-    r = subprocess.run([sys.executable, "-X", "importtime", *CMD[1:], "budget", "1344x896", "--preset", "nvila-8b"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0
-    imported = [line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")]
-    assert "torch" in imported  # the meta-device compressor
-    assert not [m for m in imported if m.split(".")[0] == "transformers"]
+def _imported(*argv: str) -> set[str]:
+    "Top-level packages a fresh `nvila-lab ARGV` imports, read from `python -X importtime`."
+    r = subprocess.run([sys.executable, "-X", "importtime", *CMD[1:], *argv], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in r.stderr.splitlines()
+            if line.startswith("import time:")}
+
+
+@pytest.mark.parametrize("argv", [["budget", "1920x1080"], ["budget", "1344x896", "--preset", "nvila-8b", "--json"],
+                                  ["budget", "--video", "--frames", "64"], ["presets"]])
+def test_budget_imports_no_torch(argv):
+    "The budget of the built-in compressors is arithmetic: no torch, transformers, numpy or plotting at all."
+    imported = _imported(*argv)
+    assert "nvila_lab" in imported  # the probe works
+    assert not {"torch", "transformers", "numpy", "matplotlib", "ipywidgets"} & imported, sorted(imported)
+
+
+def test_a_plugin_brings_torch_in(tmp_path):
+    (tmp_path / "my_pool.py").write_text(PLUGIN)
+    assert "torch" in _imported("budget", "--import", str(tmp_path / "my_pool.py"), "--projector", "my_pool",
+                                "448x448", "--preset", "tiny")
 
 
 def test_presets_and_version_do_not_import_torch():
@@ -594,3 +630,177 @@ def test_model_commands_stay_lazy():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------- plug-ins: --import, --projector, --projector-arg
+
+@pytest.fixture
+def plugin(tmp_path):
+    (tmp_path / "my_pool.py").write_text(PLUGIN)
+    return tmp_path / "my_pool.py"
+
+
+def test_budget_with_a_plugin_file(plugin):
+    [b] = budget_json("--import", str(plugin), "--projector", "my_pool", "--projector-arg", "k=4", "1000x700",
+                      "--preset", "tiny")
+    assert (b["tiles"], b["visual_tokens"]) == (12, 12 * (8 // 4) ** 2)  # 12 tiles of 8x8 patches, pooled 4x4
+    [b2] = budget_json("--import", str(plugin), "--projector", "my_pool", "1000x700", "--preset", "tiny")
+    assert b2["visual_tokens"] == 12 * (8 // 2) ** 2  # the plug-in's own default k=2
+    assert b2["projector_flops"] > b["projector_flops"] > 0  # counted by running it, more tokens -> more FLOPs
+
+
+def test_builtin_projector_override():
+    [b] = budget_json("448x448", "--preset", "tiny", "--projector", "avgpool", "--projector-arg", "k=4")
+    assert b["visual_tokens"] == 9 * 2 * 2
+    [t] = budget_json("448x448", "--preset", "tiny", "--projector", "tokenlearner", "--projector-arg", "n_tokens=5")
+    assert t["visual_tokens"] == 9 * 5
+
+
+def test_module_import(tmp_path, monkeypatch):
+    (tmp_path / "pools_pkg").mkdir()
+    (tmp_path / "pools_pkg" / "__init__.py").write_text(PLUGIN)
+    env_path = f"{tmp_path}"
+    r = subprocess.run([*CMD, "budget", "--import", "pools_pkg", "--projector", "my_pool", "448x448", "--preset",
+                        "tiny", "--json"], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "PYTHONPATH": env_path})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)[0]["visual_tokens"] == 9 * 16
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--projector", "my_poool"], ["unknown compressor 'my_poool'", "did you mean 'my_pool'"]),
+    (["--projector", "my_pool", "--projector-arg", "size=3"], ["my_pool", "size"]),
+    (["--projector-arg", "k"], ["--projector-arg", "KEY=VALUE"]),
+])
+def test_plugin_errors_are_one_line(plugin, extra, needles):
+    r = cli("budget", "--import", str(plugin), "448x448", "--preset", "tiny", *extra)
+    assert r.returncode == 2 and r.stdout == "", r.stdout
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("nvila-lab budget: error: "), r.stderr
+    for n in needles:
+        assert n in r.stderr, (n, r.stderr)
+
+
+@pytest.mark.parametrize("text, error", [("raise RuntimeError('boom')\n", "RuntimeError: boom"),
+                                         ("def f(:\n", "SyntaxError"),
+                                         ("import no_such_module_xyz\n", "No module named 'no_such_module_xyz'")])
+def test_a_broken_plugin_is_one_line_naming_the_file(tmp_path, text, error):
+    (tmp_path / "broken.py").write_text(text)
+    for cmd in (["budget", "448x448"], ["eval", "--checkpoint", str(tmp_path), "--data", "data_samples/vqa"]):
+        r = cli(*cmd, "--import", str(tmp_path / "broken.py"))
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert f"--import {tmp_path / 'broken.py'}: " in r.stderr and error in r.stderr, r.stderr
+
+
+def test_missing_plugin_file_and_module():
+    r = cli("budget", "448x448", "--import", "nowhere/pool.py")
+    assert r.returncode == 2 and "no such file 'nowhere/pool.py'" in r.stderr and r.stderr.count("\n") == 1
+    r = cli("budget", "448x448", "--import", "no_such_pkg_xyz")
+    assert r.returncode == 2 and "ModuleNotFoundError" in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("cmd", [["eval", "--data", "data_samples/vqa"], ["ask", "x.png", "How many?"]])
+def test_checkpoint_commands_refuse_a_projector_override(tmp_path, capsys, cmd, stub):
+    rc, o, e = run_main(capsys, *cmd, "--checkpoint", str(tmp_path), "--projector", "avgpool")
+    assert rc == 2 and "brings its own compressor" in e and e.count("\n") == 1
+    assert stub.loads == []
+
+
+@pytest.mark.parametrize("command", ["budget", "presets", "make-data", "ask", "eval", "train"])
+def test_missing_extra_is_one_line_in_every_command(monkeypatch, capsys, command):
+    import nvila_lab.cli as c
+    from nvila_lab.config import MissingExtra
+
+    def needs_extra(args, out, err):
+        raise MissingExtra("reading videos needs PyAV, which is not installed: pip install 'nvila-lab[video]'")
+    monkeypatch.setitem(c.COMMANDS, command, (c.COMMANDS[command][0], needs_extra))
+    argv = {"budget": ["448x448"], "presets": [], "make-data": ["--list"], "ask": ["--checkpoint", "c", "x.png", "q"],
+            "eval": ["--checkpoint", "c", "--data", "d"], "train": ["--out", "o"]}[command]
+    rc, o, e = run_main(capsys, command, *argv)
+    assert rc == 2 and o == ""
+    assert e == (f"nvila-lab {command}: error: reading videos needs PyAV, which is not installed: "
+                 "pip install 'nvila-lab[video]'\n")
+
+
+# ---------------------------------------------------------------- train
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    from nvila_lab.data import make_dataset
+    return make_dataset(["colour", "position"], n=3, seed=2, out_dir=tmp_path_factory.mktemp("train") / "set",
+                        size=(64, 64), progress=False)
+
+
+def _train_json(*argv) -> dict:
+    r = cli("train", *argv, "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)
+
+
+def _weights(folder) -> dict:
+    from pathlib import Path
+    from safetensors.torch import load_file
+    return {f"{f.parent.name}/{k}": v for f in sorted(Path(folder).glob("*/*.safetensors"))
+            for k, v in load_file(f).items()}
+
+
+def test_train_stop_and_resume_equals_straight(tmp_path, small_set):
+    base = ["--preset", "tiny", "--data", str(small_set), "--stage", "projector-align", "--stage", "scratch",
+            "--steps", "2", "--batch-size", "3", "--log-every", "1", "--save-every", "1"]
+    straight = _train_json(*base, "--out", str(tmp_path / "a"))
+    assert (straight["steps"], [s["stage"] for s in straight["stages"]]) == (4, ["projector-align", "scratch"])
+    part = _train_json(*base, "--out", str(tmp_path / "b"), "--stop-after", "3")  # mid-way through stage 2
+    assert (part["steps"], part["stopped"], part["checkpoint"]) == (3, True, None)
+    r = cli("eval", "--checkpoint", str(tmp_path / "b"), "--data", str(small_set))
+    assert r.returncode == 2 and "no checkpoint yet" in r.stderr and "--resume" in r.stderr
+    rest = _train_json("--out", str(tmp_path / "b"), "--resume")
+    assert (rest["steps"], rest["stopped"]) == (4, False)
+    for a, b in zip(straight["stages"], rest["stages"]):
+        assert [r["step"] for r in a["history"]] == [r["step"] for r in b["history"]] == [1, 2]
+        assert [r["loss"] for r in b["history"]] == pytest.approx([r["loss"] for r in a["history"]], rel=1e-5)
+    wa, wb = _weights(straight["checkpoint"]), _weights(rest["checkpoint"])
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
+    r = cli("eval", "--checkpoint", str(tmp_path / "b"), "--data", str(small_set), "--json")  # OUT finds checkpoint/
+    assert r.returncode == 0 and json.loads(r.stdout)["n"] == 6, r.stderr
+
+
+def test_train_from_a_checkpoint_with_a_new_projector(tmp_path, small_set, plugin):
+    first = _train_json("--preset", "tiny", "--data", str(small_set), "--steps", "1", "--batch-size", "2",
+                        "--out", str(tmp_path / "a"))
+    second = _train_json("--init", first["checkpoint"], "--import", str(plugin), "--projector", "my_pool",
+                         "--projector-arg", "bias=false", "--data", str(small_set), "--stage", "projector-align",
+                         "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "b"))
+    assert (second["projector"], second["projector_kwargs"]) == ("my_pool", {"bias": False})
+    wa, wb = _weights(first["checkpoint"]), _weights(second["checkpoint"])
+    llm = [k for k in wa if k.startswith("llm/")]
+    assert llm and all(torch_equal(wa[k], wb[k]) for k in llm)  # projector-align: the LLM stays as it was
+    assert any(k.endswith("bias") for k in wa if k.startswith("mm_projector/"))  # STC 2x2's linear layers
+    assert not any(k.endswith("bias") for k in wb if k.startswith("mm_projector/"))  # my_pool(bias=False), fresh
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+    return torch.equal(a, b)
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--data", "{set}", "--out", "{tmp}/o"], ["either --preset NAME", "not neither"]),
+    (["--preset", "tiny", "--init", "{tmp}", "--data", "{set}", "--out", "{tmp}/o"], ["not both"]),
+    (["--preset", "tiny", "--out", "{tmp}/o"], ["at least one --data DIR"]),
+    (["--preset", "tiny", "--data", "{set}", "--stage", "image_sft", "--out", "{tmp}/o"],
+     ["unknown stage 'image_sft'", "did you mean 'image-sft'"]),
+    (["--preset", "tiny2", "--data", "{set}", "--out", "{tmp}/o"], ["unknown preset 'tiny2'", "nvila-lab presets"]),
+    (["--preset", "tiny", "--data", "{tmp}/nothing", "--out", "{tmp}/o"], ["nothing", "not found", "make-data"]),
+    (["--preset", "tiny", "--data", "{set}", "--out", "{set}"], ["is not an empty folder", "--resume"]),
+    (["--out", "{tmp}/o", "--resume"], ["no run.json to resume"]),
+    (["--out", "{tmp}/o", "--resume", "--steps", "3"], ["--resume continues with the settings", "drop --steps"]),
+    (["--preset", "tiny", "--data", "{set}", "--projector", "nope", "--out", "{tmp}/o"], ["unknown compressor 'nope'"]),
+    (["--preset", "tiny", "--data", "{set}", "--steps", "0", "--out", "{tmp}/o"], ["--steps", "at least 1"]),
+])
+def test_train_usage_errors(tmp_path, small_set, argv, needles):
+    fill = lambda a: a.format(tmp=tmp_path, set=small_set)
+    r = cli("train", *map(fill, argv))
+    assert r.returncode == 2 and r.stdout == "", r.stdout
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("nvila-lab train: error: "), r.stderr
+    for n in needles:
+        assert fill(n) in r.stderr, (n, r.stderr)

@@ -291,3 +291,40 @@ def test_untrained_tiny_model_is_not_above_chance(sample):
     assert rep.n == 8
     assert rep.accuracy <= rep.chance  # above chance, untrained, would mean the answers leak into the input
     assert model.training  # put back as it was
+
+
+def test_evaluation_does_not_import_training():
+    "Scoring needs no optimizer: nvila_lab.evaluate imports neither nvila_lab.train nor nvila_lab.experiment."
+    import subprocess
+    import sys
+    code = ("import sys, nvila_lab.evaluate\n"
+            "print(sorted(m for m in sys.modules if m in ('nvila_lab.train', 'nvila_lab.experiment', 'accelerate')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+    import nvila_lab.evaluate as ev
+    assert not hasattr(ev, "run_setting")  # it moved to nvila_lab.experiment
+
+
+def test_run_setting_reproduces_its_loss_from_the_same_start():
+    "Two runs from the same weights give the same loss; other weights give another (accuracies are 0 and cannot tell)."
+    import torch
+    from nvila_lab.config import get_config
+    from nvila_lab.data import load_tokenizer
+    from nvila_lab.experiment import run_setting
+    from nvila_lab.model import NVILAModel
+    from nvila_lab.train import TrainConfig
+    tok = load_tokenizer()
+    cfg = get_config("tiny", vocab_size=len(tok))
+    data, held = SyntheticVQA(["colour"], n=4, seed=3, size=(64, 64)), SyntheticVQA(["colour"], n=1, seed=4)
+    sched = [TrainConfig(steps=2, batch_size=2, log_every=1)]
+    a = run_setting("a", cfg, tok, data, held, sched, seed=5)
+    torch.manual_seed(5)
+    b = run_setting("b", cfg, tok, data, held, sched, init=NVILAModel(cfg, tok).state_dict())
+    torch.manual_seed(6)
+    c = run_setting("c", cfg, tok, data, held, sched, init=NVILAModel(cfg, tok).state_dict())
+    assert a["stage_losses"][0] > 0 and a["stage_losses"] == b["stage_losses"]
+    assert c["stage_losses"] != a["stage_losses"]
+    tl = run_setting("tl", cfg.replace(projector="tokenlearner", projector_kwargs={"n_tokens": 3}), tok, data, held,
+                     [TrainConfig(steps=1, batch_size=2)])
+    assert tl["visual_tokens"] == 12 * 3  # Dynamic-S2: 12 tiles at the largest scale (192 px), 3 learned tokens each
