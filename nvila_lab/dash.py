@@ -7,7 +7,7 @@ Docs: https://nvila-lab.github.io/nvila-lab/dash_tokens.html.md"""
 # %% ../nbs/60_dash_tokens.ipynb #00ce17f0
 from __future__ import annotations
 
-import ast
+import argparse
 import base64
 import dataclasses
 import html
@@ -22,6 +22,7 @@ from PIL import Image
 
 import nvila_lab
 from .budget import TokenBudget, image_budget, llm_prefill_flops, video_budget
+from .cli import parse_setting  # the one reading of KEY=VALUE, shared with --projector-arg
 from .compress import available_compressors, compressor_class
 from .config import TILING_MODES, ConfigError, NVILAConfig, get_config, list_presets, require
 from .images import ImageError, load_image, make_document_image, make_panorama_image
@@ -65,28 +66,24 @@ def parse_scales(text: str, tile: int = 448) -> tuple[int, ...]:
     return scales
 
 
-_KEY = re.compile(r"^([A-Za-z_]\w*)=(.+)$")
-
-
 def parse_settings(text: str) -> dict:
-    "Compressor settings typed as 'n_tokens=9, hidden=64' -> {'n_tokens': 9, 'hidden': 64}; values are Python literals, else text."
+    """Compressor settings typed as 'n_tokens=9, hidden=64' -> {'n_tokens': 9, 'hidden': 64}. Each pair is read by the
+    shell's rule for `--projector-arg` (`nvila_lab.cli.parse_setting`: bool, None, int, float, else text)."""
     out = {}
     for part in (p for p in re.split(r"[,\s]+", str(text).strip()) if p):
-        m = _KEY.match(part)
-        if not m:
-            raise ValueError(f"compressor setting {part!r} is not KEY=VALUE; type e.g. 'n_tokens=9, hidden=64'")
-        if m[1] in out:
-            raise ValueError(f"compressor setting {m[1]!r} is given twice")
         try:
-            out[m[1]] = ast.literal_eval(m[2])
-        except (ValueError, SyntaxError):
-            out[m[1]] = m[2]  # a bare word stays text
+            key, value = parse_setting(part)
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"compressor setting {part!r}: {e}") from None
+        if key in out:
+            raise ValueError(f"compressor setting {key!r} is given twice")
+        out[key] = value
     return out
 
 
 def settings_text(kwargs: dict) -> str:
-    "The inverse of `parse_settings`: {'n_tokens': 9} -> 'n_tokens=9'."
-    return ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in kwargs.items())
+    "The inverse of `parse_settings`: {'n_tokens': 9, 'mode': 'fast'} -> 'n_tokens=9, mode=fast'."
+    return ", ".join(f"{k}={v}" for k, v in kwargs.items())
 
 
 def compressor_help(name: str) -> str:
@@ -172,6 +169,55 @@ def _table(head: list[str], rows: list[list[str]], bold: int = 1) -> str:
     return (f"<table class='nvl-budget' style='border-collapse:collapse;font-size:13px;line-height:1.5'>"
             f"<thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>")
 
+
+class _BudgetDashboard(W.VBox):
+    "What both dashboards share: their state, read-only (`budget`, `config`, `references`, `message`), and `close()`."
+    _budget: TokenBudget | None = None
+    _cfg: NVILAConfig | None = None
+    _refs: dict[str, TokenBudget] = {}
+    _message = ""
+
+    @property
+    def budget(self) -> TokenBudget:
+        "The `TokenBudget` shown now (the last good one when the controls hold an error)."
+        return self._budget
+
+    @property
+    def config(self) -> NVILAConfig:
+        "The config behind the current budget (the compressor's settings in `projector_kwargs`, the tail rule in `temporal_kwargs`)."
+        return self._cfg
+
+    @property
+    def references(self) -> dict[str, TokenBudget]:
+        "The budgets this one is set beside (the table's other columns)."
+        return dict(self._refs)
+
+    @property
+    def message(self) -> str:
+        "The error or warning the dashboard shows now, or '' when there is none."
+        return self._message
+
+    def close(self) -> None:
+        "Close the dashboard and every widget inside it (frees their kernel-side state)."
+        _close_tree(self)
+        super().close()
+
+    def _new_chart(self, figsize: tuple[float, float], max_width: str) -> W.Image:
+        "The chart's widget, and the one matplotlib `Figure` (Agg canvas, no pyplot) redrawn into it at every update."
+        self._fig = Figure(figsize=figsize, dpi=100)
+        FigureCanvasAgg(self._fig)
+        self._ax = self._fig.add_subplot()
+        return W.Image(format="png", layout=W.Layout(max_width=max_width, object_fit="contain"))
+
+    def _lay_out(self, title: str, subtitle: str, controls: list, right: list, css_class: str) -> None:
+        "The controls under a heading on the left, the outputs on the right."
+        heading = W.HTML(f"<b style='font-size:15px'>{html.escape(title)}</b><br>"
+                         f"<span style='color:{_FG2}'>{html.escape(subtitle)}</span>")
+        left = W.VBox([heading, *controls], layout=W.Layout(width="314px", min_width="314px", padding="4px 14px 4px 0"))
+        W.VBox.__init__(self, [W.HBox([left, W.VBox(right, layout=W.Layout(flex="1 1 auto", min_width="0"))],
+                                      layout=W.Layout(align_items="flex-start"))])
+        self.add_class(css_class)
+
 # %% ../nbs/60_dash_tokens.ipynb #3d6a009e
 def prompt_budget(sizes: list[tuple[int, int]], cfg: NVILAConfig | str, tile_all: bool = False,
                   text_tokens: int = 0) -> tuple[TokenBudget, list[TokenBudget]]:
@@ -206,7 +252,7 @@ def _screen_plan(plan: TilePlan) -> TilePlan:
     return dataclasses.replace(plan, tile=t, scales=(ScaleGrid((cols * t, rows * t), (cols, rows)),), thumbnail=False)
 
 
-class TokenDashboard(W.VBox):
+class TokenDashboard(_BudgetDashboard):
     """An ipywidgets dashboard of one prompt's token budget (one image, or several: VILA's one tile each by default).
     Controls are attributes; `budget`, `image_budgets`, `config` and `message` are the state."""
 
@@ -256,24 +302,14 @@ class TokenDashboard(W.VBox):
         self.picture = W.Image(format="png", layout=W.Layout(max_width=f"{_PICTURE_W}px", object_fit="contain"))
         self.caption = W.HTML(layout=W.Layout(max_width=f"{_PICTURE_W}px"))
         self.table = W.HTML()
-        self.chart = W.Image(format="png", layout=W.Layout(max_width="620px", object_fit="contain"))
-        self._fig = Figure(figsize=(6.2, 2.15), dpi=100)
-        FigureCanvasAgg(self._fig)
-        self._ax = self._fig.add_subplot()
-
-        heading = W.HTML(f"<b style='font-size:15px'>NVILA token budget</b><br><span style='color:{_FG2}'>"
-                         "one prompt, one setting: tiles, tokens, FLOPs</span>")
-        hr = lambda: W.HTML("<hr style='margin:4px 0'>")
-        controls = W.VBox([heading, self.image, self.extra, self.tile_all, self.upload, self.add_size_box, hr(),
-                           self.preset, self.mode, self.scales, self.max_tiles, self.compressor, self.settings,
-                           self.compressor_info, self.text_tokens, self.msg],
-                          layout=W.Layout(width="314px", min_width="314px", padding="4px 14px 4px 0"))
+        self.chart = self._new_chart((6.2, 2.15), "620px")
         picture = W.VBox([self.picture, self.caption], layout=W.Layout(width=f"{_PICTURE_W}px", max_width="100%"))
-        right = W.VBox([self.summary, W.HBox([picture, self.table],
-                                             layout=W.Layout(flex_flow="row wrap", grid_gap="14px")), self.chart],
-                       layout=W.Layout(flex="1 1 auto", min_width="0"))
-        super().__init__([W.HBox([controls, right], layout=W.Layout(align_items="flex-start"))])
-        self.add_class("nvl-token-dashboard")
+        self._lay_out("NVILA token budget", "one prompt, one setting: tiles, tokens, FLOPs",
+                      [self.image, self.extra, self.tile_all, self.upload, self.add_size_box,
+                       W.HTML("<hr style='margin:4px 0'>"), self.preset, self.mode, self.scales, self.max_tiles,
+                       self.compressor, self.settings, self.compressor_info, self.text_tokens, self.msg],
+                      [self.summary, W.HBox([picture, self.table], layout=W.Layout(flex_flow="row wrap", grid_gap="14px")),
+                       self.chart], "nvl-token-dashboard")
 
         self.preset.observe(self._on_preset, "value")
         self.upload.observe(self._on_upload, "value")
@@ -286,11 +322,6 @@ class TokenDashboard(W.VBox):
 
     # ---- state, read-only ----
     @property
-    def budget(self) -> TokenBudget:
-        "The `TokenBudget` of the whole prompt shown now (the last good one when the controls hold an error)."
-        return self._budget
-
-    @property
     def image_budgets(self) -> list[TokenBudget]:
         "Each image's own budget, in prompt order (one entry for a single image: `budget` itself)."
         return list(self._each)
@@ -299,21 +330,6 @@ class TokenDashboard(W.VBox):
     def prompt(self) -> list[str]:
         "The names of the images in the prompt: the chosen image, then the ones added with '+ in prompt'."
         return [self.image.value] + [n for n in self.extra.value if n != self.image.value]
-
-    @property
-    def message(self) -> str:
-        "The error the dashboard shows now, or '' when the controls are fine."
-        return self._message
-
-    @property
-    def config(self) -> NVILAConfig:
-        "The config behind the current budget (with the compressor's settings in `projector_kwargs`)."
-        return self._cfg
-
-    @property
-    def references(self) -> dict[str, TokenBudget]:
-        "The budgets the chart compares against (same prompt): the preset as shipped, and the plain `resize` baseline."
-        return dict(self._refs)
 
     @property
     def sizes(self) -> dict[str, tuple[int, int]]:
@@ -582,11 +598,6 @@ class TokenDashboard(W.VBox):
         self._fig.subplots_adjust(left=0.2, right=0.98, top=0.86, bottom=0.2)  # fixed: tight_layout would draw twice
         return _png(self._fig)
 
-    def close(self) -> None:
-        "Close the dashboard and every widget inside it (frees their kernel-side state)."
-        _close_tree(self)
-        super().close()
-
     # ---- display ----
     def __repr__(self) -> str:
         b, names = self._budget, self.prompt
@@ -633,7 +644,7 @@ def _with_tail(cfg: NVILAConfig, average: bool) -> NVILAConfig:
     return cfg.replace(temporal_kwargs=kw | {"tail": "average"} if average else kw)
 
 
-class VideoTokenDashboard(W.VBox):
+class VideoTokenDashboard(_BudgetDashboard):
     "An ipywidgets dashboard of one video's token budget: frames and temporal pooling -> tokens, positions, FLOPs."
 
     def __init__(self, preset: str = "nvila-8b-video"):
@@ -654,42 +665,16 @@ class VideoTokenDashboard(W.VBox):
         self.text_tokens = W.IntSlider(value=64, min=0, max=8192, step=64, description="text tokens",
                                        continuous_update=False, style=wide, layout=box)
         self.msg, self.summary, self.table = W.HTML(layout=box), W.HTML(), W.HTML()
-        self.chart = W.Image(format="png", layout=W.Layout(max_width="560px", object_fit="contain"))
-        self._fig = Figure(figsize=(5.6, 3.0), dpi=100)
-        FigureCanvasAgg(self._fig)
-        self._ax = self._fig.add_subplot()
-        heading = W.HTML(f"<b style='font-size:15px'>NVILA video token budget</b><br><span style='color:{_FG2}'>"
-                         "frames read, frames averaged, tokens paid</span>")
-        controls = W.VBox([heading, self.preset, self.frames, self.pool, self.tail, self.text_tokens, self.msg],
-                          layout=W.Layout(width="314px", min_width="314px", padding="4px 14px 4px 0"))
-        right = W.VBox([self.summary, W.HBox([self.table, self.chart], layout=W.Layout(flex_flow="row wrap",
-                                                                                      grid_gap="14px"))])
-        super().__init__([W.HBox([controls, right], layout=W.Layout(align_items="flex-start"))])
-        self.add_class("nvl-video-dashboard")
+        self.chart = self._new_chart((5.6, 3.0), "560px")
+        self._lay_out("NVILA video token budget", "frames read, frames averaged, tokens paid",
+                      [self.preset, self.frames, self.pool, self.tail, self.text_tokens, self.msg],
+                      [self.summary, W.HBox([self.table, self.chart], layout=W.Layout(flex_flow="row wrap",
+                                                                                     grid_gap="14px"))],
+                      "nvl-video-dashboard")
         self.preset.observe(self._on_preset, "value")
         for w in (self.frames, self.pool, self.tail, self.text_tokens):
             w.observe(lambda change: self.refresh(), "value")
         self.refresh()
-
-    @property
-    def budget(self) -> TokenBudget:
-        "The `TokenBudget` shown now (the last good one when the controls hold an error)."
-        return self._budget
-
-    @property
-    def config(self) -> NVILAConfig:
-        "The config behind the current budget (its `temporal_kwargs` carry the tail rule)."
-        return self._cfg
-
-    @property
-    def references(self) -> dict[str, TokenBudget]:
-        "The comparison budgets: the same frames without pooling, and frames/p frames without pooling."
-        return dict(self._refs)
-
-    @property
-    def message(self) -> str:
-        "An error or a warning about the current setting ('' when there is none)."
-        return self._message
 
     def _on_preset(self, change) -> None:
         cfg = get_config(change["new"])
@@ -758,11 +743,6 @@ class VideoTokenDashboard(W.VBox):
         ax.set_title("grey: NVILA-8B Video-MME settings (Table 2)", fontsize=8.5, color="#555")
         self._fig.subplots_adjust(left=0.14, right=0.97, top=0.9, bottom=0.16)
         return _png(self._fig)
-
-    def close(self) -> None:
-        "Close the dashboard and every widget inside it."
-        _close_tree(self)
-        super().close()
 
     def __repr__(self) -> str:
         b = self._budget
