@@ -94,7 +94,6 @@ def get_task(task: str | Task) -> Task:
 # %% ../nbs/09_data.ipynb #6e5abe44
 # The font helpers live in nvila_lab.images (notebook 01): `font_file()` is DejaVuSans-Bold.ttf, matplotlib's
 # bundled copy first; `font(px)` loads it (Pillow's built-in font, with a warning, when it is missing).
-_font = font  # the old private name, still imported by nvila_lab.tower_pretrain
 
 
 def draw_page(rng: np.random.Generator, size: tuple[int, int]) -> tuple[Image.Image, ImageDraw.ImageDraw]:
@@ -115,7 +114,6 @@ def draw_page(rng: np.random.Generator, size: tuple[int, int]) -> tuple[Image.Im
     return img, d
 
 
-_page = draw_page  # the old private name, still imported by nvila_lab.tower_pretrain
 
 
 def pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:

@@ -18,8 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import NVILAConfig, get_config
-from .data import _font, _page, data_samples_dir
-from .images import preprocess
+from .data import data_samples_dir, draw_page
+from .images import font, preprocess
 from .vision import tile_features
 
 # %% auto #0
@@ -35,15 +35,15 @@ def glyph_tile(rng: np.random.Generator, tile: int = 64, patch: int = 8, max_obj
     "A `tile` x `tile` page piece with up to `max_objects` digits/dots, and the label of every patch -> (image, labels [tile/patch, tile/patch])."
     if tile % patch:
         raise ValueError(f"tile {tile} must be a multiple of patch {patch}")
-    img, d = _page(rng, (tile, tile))
+    img, d = draw_page(rng, (tile, tile))
     side = tile // patch
     labels = np.zeros((side, side), dtype=np.int64)  # [h, w], 0 = nothing
     placed: list[tuple[int, int, int, int]] = []  # (x, y, w, h) of each object's ink
     for _ in range(int(rng.integers(0, max_objects + 1))):
         if rng.random() < 0.7:  # a digit
             digit = int(rng.integers(10))
-            font = _font(int(rng.integers(font_px[0], font_px[1] + 1)))
-            l, t, r, b = d.textbbox((0, 0), str(digit), font=font)
+            face = font(int(rng.integers(font_px[0], font_px[1] + 1)))
+            l, t, r, b = d.textbbox((0, 0), str(digit), font=face)
             w, h, cls = r - l, b - t, 1 + digit
         else:  # a dot
             w = h = int(rng.integers(4, 7))
@@ -60,7 +60,7 @@ def glyph_tile(rng: np.random.Generator, tile: int = 64, patch: int = 8, max_obj
         else:
             if rng.random() < 0.5:  # boxed, as read_code prints it
                 d.rectangle((x - 3, y - 3, x + w + 2, y + h + 2), fill=(255, 255, 255), outline=(40, 40, 40))
-            d.text((x - l, y - t), str(digit), fill=(0, 0, 0), font=font)
+            d.text((x - l, y - t), str(digit), fill=(0, 0, 0), font=face)
         labels[min((y + h // 2) // patch, side - 1), min((x + w // 2) // patch, side - 1)] = cls
     return img, labels
 
