@@ -1,4 +1,4 @@
-"""`nvila-lab budget 1344x896 --preset nvila-8b`: the token budget of an image or a video from a shell, in about a second, with no model and no GPU.
+"""`nvila-lab budget 1344x896 --preset nvila-8b`: the token budget of an image or a video from a shell, in about a second, with no model and no GPU; and `train`, `eval`, `ask` for models, with plug-in compressors.
 
 Docs: https://nvila-lab.github.io/nvila-lab/cli.html.md"""
 
@@ -521,8 +521,9 @@ def _add_train(sub) -> argparse.ArgumentParser:
                     "Runs unchanged under `accelerate launch` (same losses and weights as one process).",
         epilog="examples:  nvila-lab make-data --n 100 --out data/train\n"
                "           nvila-lab train --preset tiny --data data/train --stage scratch --steps 200 --out runs/a\n"
-               "           accelerate launch --num_processes 2 --cpu -m nvila_lab.cli train --preset tiny "
+               "           accelerate launch --multi_gpu --num_processes 2 -m nvila_lab.cli train --preset tiny "
                "--data data/train --steps 200 --batch-size 8 --out runs/b --json\n"
+               "           (2 CPU processes: prefix CUDA_VISIBLE_DEVICES= ; accelerate's --cpu starts only one without MPI)\n"
                "           nvila-lab train --out runs/a --resume",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", metavar="NAME", default=None, help="start from a fresh model of this preset")
