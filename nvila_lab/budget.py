@@ -14,12 +14,12 @@ from functools import lru_cache
 from typing import Callable
 
 from .config import ConfigError, NVILAConfig, did_you_mean, get_config
-from .tiling import TilePlan, parse_size, plan_image, plan_resize
+from .tiling import TilePlan, parse_size, plan_image, plan_prompt, plan_resize
 
 # %% auto #0
 __all__ = ['BUILTIN_ARITHMETIC', 'BUILTIN_ALIASES', 'TAILS', 'TEMPORAL_SETTINGS', 'vit_flops_per_pass', 'llm_prefill_flops',
            'check_positive', 'image_pool_grid', 'segment_cost', 'grouped_frames', 'temporal_cost', 'TokenBudget',
-           'image_budget', 'video_budget', 'anyres_tokens', 'qwen2vl_tokens']
+           'image_budget', 'video_budget', 'prompt_budget', 'anyres_tokens', 'qwen2vl_tokens']
 
 # %% ../nbs/06_budget.ipynb #919e6c04
 def vit_flops_per_pass(cfg: NVILAConfig) -> int:
@@ -246,6 +246,26 @@ def video_budget(frames: int | None = None, cfg: NVILAConfig | str = "nvila-8b-v
     return TokenBudget(cfg.name, f"video {frames} frames / {p}", None, frames, frames, visual, out, positions,
                        text_tokens, frames * vit_flops_per_pass(cfg), frames * frame_flops,
                        llm_prefill_flops(cfg, positions), None)
+
+# %% ../nbs/06_budget.ipynb #3d6a009e
+def prompt_budget(sizes: list[tuple[int, int]], cfg: NVILAConfig | str, tile_all: bool = False,
+                  text_tokens: int = 0) -> tuple[TokenBudget, list[TokenBudget]]:
+    """(the whole prompt's budget, each image's) for the images of `sizes` in one prompt, planned by VILA's rule
+    (`plan_prompt`: one tile each when there are several, unless `tile_all`). One image: `image_budget` itself."""
+    cfg = get_config(cfg) if isinstance(cfg, str) else cfg
+    if not sizes:
+        raise ValueError("a prompt needs at least one image")
+    plans = plan_prompt(sizes, cfg, tile_all=tile_all, warn=False)
+    if len(plans) == 1:
+        b = image_budget(plans[0].image_size, cfg, text_tokens=text_tokens, plan=plans[0])
+        return b, [b]
+    each = [image_budget(p.image_size, cfg, plan=p) for p in plans]
+    total = lambda attr: sum(getattr(b, attr) for b in each)
+    positions = total("visual_tokens") + total("separators") + text_tokens
+    whole = TokenBudget(cfg.name, " + ".join(b.input for b in each), None, total("tiles"), total("vit_passes"),
+                        total("visual_tokens"), total("separators"), positions, text_tokens, total("vit_flops"),
+                        total("projector_flops"), llm_prefill_flops(cfg, positions), None)
+    return whole, each
 
 # %% ../nbs/06_budget.ipynb #f0b11978
 def anyres_tokens(size: tuple[int, int], tile: int = 336, tokens_per_tile: int = 576,

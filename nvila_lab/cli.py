@@ -15,12 +15,12 @@ import sys
 import warnings
 
 from . import __version__
-from .config import MissingExtra, get_config, list_presets, llm_params, vision_params
+from .config import MissingExtra, get_config, list_presets, llm_params, parse_setting, vision_params
 # nothing heavy here: torch, transformers, numpy and PIL are imported inside the commands that need them
 
 # %% auto #0
-__all__ = ['COMMANDS', 'UsageError', 'parse_setting', 'import_plugin', 'configure', 'budget_table', 'preset_summary',
-           'task_table', 'build_parser', 'main']
+__all__ = ['COMMANDS', 'UsageError', 'import_plugin', 'configure', 'budget_table', 'preset_summary', 'task_table', 'build_parser',
+           'main']
 
 # %% ../nbs/80_cli.ipynb #0e9c41b1
 class UsageError(Exception):
@@ -41,23 +41,12 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()).rstrip(".") or type(e).__name__
 
 # %% ../nbs/80_cli.ipynb #47c25fed
-def parse_setting(text: str) -> tuple[str, object]:
-    "`KEY=VALUE` of `--projector-arg` as `(key, value)`: VALUE read as a bool (true/false), None, int, float, else text."
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"must be KEY=VALUE with KEY a Python name, e.g. n_tokens=9; got {text!r}")
-    low = raw.strip().lower()
-    if low in ("true", "false"):
-        return key, low == "true"
-    if low in ("none", "null"):
-        return key, None
-    for kind in (int, float):
-        try:
-            return key, kind(raw)
-        except ValueError:
-            pass
-    return key, raw
+def _projector_arg(text: str) -> tuple[str, object]:
+    "argparse `type` for `--projector-arg`: `nvila_lab.config.parse_setting`, its error as argparse's."
+    try:
+        return parse_setting(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def import_plugin(spec: str) -> str:
@@ -104,7 +93,7 @@ def _add_plugin_flags(p: argparse.ArgumentParser) -> None:
                         "@register_compressor (repeatable)")
     p.add_argument("--projector", metavar="NAME", default=None,
                    help="use the compressor registered as NAME instead of the preset's")
-    p.add_argument("--projector-arg", dest="projector_args", action="append", default=[], type=parse_setting,
+    p.add_argument("--projector-arg", dest="projector_args", action="append", default=[], type=_projector_arg,
                    metavar="KEY=VALUE", help="a setting of the compressor, e.g. n_tokens=9 (repeatable)")
 
 

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 # %% auto #0
 __all__ = ['TILING_MODES', 'PRESETS', 'SYSTEM_PROMPT', 'IMAGE_TOKEN', 'VIDEO_TOKEN', 'MEDIA_TOKENS', 'IGNORE_INDEX',
-           'did_you_mean', 'MissingExtra', 'require', 'ConfigError', 'NVILAConfig', 'list_presets', 'get_config',
-           'vision_params', 'llm_params']
+           'did_you_mean', 'MissingExtra', 'require', 'parse_setting', 'ConfigError', 'NVILAConfig', 'list_presets',
+           'get_config', 'vision_params', 'llm_params']
 
 # %% ../nbs/00_config.ipynb #fc60aae1
 def did_you_mean(kind: str, name, choices, extra: str = "") -> str:
@@ -39,6 +39,25 @@ def require(module: str, extra: str, what: str, package: str | None = None):
     except ImportError as e:
         raise MissingExtra(f"{what} needs {package or module}, which is not installed: "
                            f"pip install 'nvila-lab[{extra}]'") from e
+
+# %% ../nbs/00_config.ipynb #4e4ec9c1
+def parse_setting(text: str) -> tuple[str, object]:
+    "A compressor setting typed as `KEY=VALUE` (the shell's `--projector-arg`, the dashboard's settings box) -> `(key, value)`; VALUE read as a bool (true/false), None, int, float, else text."
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise ValueError(f"must be KEY=VALUE with KEY a Python name, e.g. n_tokens=9; got {text!r}")
+    low = raw.strip().lower()
+    if low in ("true", "false"):
+        return key, low == "true"
+    if low in ("none", "null"):
+        return key, None
+    for kind in (int, float):
+        try:
+            return key, kind(raw)
+        except ValueError:
+            pass
+    return key, raw
 
 # %% ../nbs/00_config.ipynb #2ec3c693
 TILING_MODES = ("dynamic_s2", "dynamic", "s2", "resize")

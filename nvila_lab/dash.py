@@ -7,7 +7,6 @@ Docs: https://nvila-lab.github.io/nvila-lab/dash_tokens.html.md"""
 # %% ../nbs/60_dash_tokens.ipynb #00ce17f0
 from __future__ import annotations
 
-import argparse
 import base64
 import dataclasses
 import html
@@ -21,10 +20,9 @@ from pathlib import Path
 from PIL import Image
 
 import nvila_lab
-from .budget import TokenBudget, image_budget, llm_prefill_flops, video_budget
-from .cli import parse_setting  # the one reading of KEY=VALUE, shared with --projector-arg
+from .budget import TokenBudget, image_budget, llm_prefill_flops, prompt_budget, video_budget
 from .compress import available_compressors, compressor_class
-from .config import TILING_MODES, ConfigError, NVILAConfig, get_config, list_presets, require
+from .config import TILING_MODES, ConfigError, NVILAConfig, get_config, list_presets, parse_setting, require
 from .images import ImageError, load_image, make_document_image, make_panorama_image
 from .tiling import ScaleGrid, TilePlan, draw_plan, parse_size, plan_prompt
 
@@ -36,7 +34,7 @@ FigureCanvasAgg = require("matplotlib.backends.backend_agg", "lab", "the dashboa
 
 # %% auto #0
 __all__ = ['W', 'Figure', 'FigureCanvasAgg', 'SAMPLES_DIR', 'MAX_SCALE_RATIO', 'PNG_MAGIC', 'human_flops', 'parse_scales',
-           'parse_settings', 'settings_text', 'compressor_help', 'default_images', 'prompt_budget', 'TokenDashboard',
+           'parse_settings', 'settings_text', 'compressor_help', 'default_images', 'TokenDashboard',
            'build_token_dashboard', 'VideoTokenDashboard', 'build_video_dashboard']
 
 # %% ../nbs/60_dash_tokens.ipynb #09a8c30b
@@ -68,12 +66,12 @@ def parse_scales(text: str, tile: int = 448) -> tuple[int, ...]:
 
 def parse_settings(text: str) -> dict:
     """Compressor settings typed as 'n_tokens=9, hidden=64' -> {'n_tokens': 9, 'hidden': 64}. Each pair is read by the
-    shell's rule for `--projector-arg` (`nvila_lab.cli.parse_setting`: bool, None, int, float, else text)."""
+    shell's rule for `--projector-arg` (`nvila_lab.config.parse_setting`: bool, None, int, float, else text)."""
     out = {}
     for part in (p for p in re.split(r"[,\s]+", str(text).strip()) if p):
         try:
             key, value = parse_setting(part)
-        except argparse.ArgumentTypeError as e:
+        except ValueError as e:
             raise ValueError(f"compressor setting {part!r}: {e}") from None
         if key in out:
             raise ValueError(f"compressor setting {key!r} is given twice")
@@ -217,26 +215,6 @@ class _BudgetDashboard(W.VBox):
         W.VBox.__init__(self, [W.HBox([left, W.VBox(right, layout=W.Layout(flex="1 1 auto", min_width="0"))],
                                       layout=W.Layout(align_items="flex-start"))])
         self.add_class(css_class)
-
-# %% ../nbs/60_dash_tokens.ipynb #3d6a009e
-def prompt_budget(sizes: list[tuple[int, int]], cfg: NVILAConfig | str, tile_all: bool = False,
-                  text_tokens: int = 0) -> tuple[TokenBudget, list[TokenBudget]]:
-    """(the whole prompt's budget, each image's) for the images of `sizes` in one prompt, planned by VILA's rule
-    (`plan_prompt`: one tile each when there are several, unless `tile_all`). One image: `image_budget` itself."""
-    cfg = get_config(cfg) if isinstance(cfg, str) else cfg
-    if not sizes:
-        raise ValueError("a prompt needs at least one image")
-    plans = plan_prompt(sizes, cfg, tile_all=tile_all, warn=False)
-    if len(plans) == 1:
-        b = image_budget(plans[0].image_size, cfg, text_tokens=text_tokens, plan=plans[0])
-        return b, [b]
-    each = [image_budget(p.image_size, cfg, plan=p) for p in plans]
-    total = lambda attr: sum(getattr(b, attr) for b in each)
-    positions = total("visual_tokens") + total("separators") + text_tokens
-    whole = TokenBudget(cfg.name, " + ".join(b.input for b in each), None, total("tiles"), total("vit_passes"),
-                        total("visual_tokens"), total("separators"), positions, text_tokens, total("vit_flops"),
-                        total("projector_flops"), llm_prefill_flops(cfg, positions), None)
-    return whole, each
 
 # %% ../nbs/60_dash_tokens.ipynb #4dbc2254
 _MODE_LABELS = {"dynamic_s2": "Dynamic-S2 (NVILA)", "dynamic": "dynamic tiles (Lite)", "s2": "S2 (square scales)",

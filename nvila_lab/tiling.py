@@ -11,8 +11,10 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from PIL import Image, ImageDraw
+if TYPE_CHECKING:  # PIL is imported where images are cut or drawn, so budgets (pure arithmetic) never load it
+    from PIL import Image
 
 from .config import ConfigError, NVILAConfig
 
@@ -219,6 +221,7 @@ def parse_size(text: str) -> tuple[int, int]:
 # %% ../nbs/02_tiling.ipynb #994a9eef
 def cut_tiles(image: Image.Image, plan: TilePlan) -> list[Image.Image]:
     "The plan's tiles as `tile`x`tile` RGB images, in encoding order (see `TilePlan.boxes`)."
+    from PIL import Image
     if image.size != plan.image_size:
         raise ValueError(f"plan was made for a {plan.image_size} image but got {image.size}; re-plan with plan_image")
     resized = [image.resize(s.size, Image.Resampling.BICUBIC) for s in plan.scales]
@@ -229,6 +232,7 @@ def cut_tiles(image: Image.Image, plan: TilePlan) -> list[Image.Image]:
 
 def draw_plan(image: Image.Image, plan: TilePlan, scale: int = -1, width: int = 672) -> Image.Image:
     "The image as one scale of `plan` sees it (squashed to that scale's aspect), `width` pixels wide, with the tile grid drawn."
+    from PIL import Image, ImageDraw
     s = plan.scales[scale]
     height = max(1, round(width * s.size[1] / s.size[0]))
     img = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)  # straight to screen size
