@@ -167,6 +167,9 @@ def test_dashboard_updates_in_jupyterlab(chromium, lab, tmp_path):
             preset.select_option(label="nvila-lite-2b")
             page.wait_for_function("document.querySelector('.nvl-token-dashboard .nvl-tokens').textContent === '847'",
                                    timeout=15_000)
+            # the table is redrawn just after the headline number: wait for it too, then read it
+            page.wait_for_function("document.querySelector('.nvl-token-dashboard table.nvl-budget').textContent"
+                                   ".includes('847')", timeout=15_000)
             assert "847" in page.locator(".nvl-token-dashboard table.nvl-budget").inner_text()
 
             # a second image in the same prompt: VILA's rule, one tile each (2 x 121 tokens under NVILA-Lite)
