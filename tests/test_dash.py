@@ -21,9 +21,10 @@ pytest.importorskip("ipywidgets")
 pytest.importorskip("matplotlib")
 
 from nvila_lab.budget import image_budget  # noqa: E402
+from nvila_lab.budget import prompt_budget  # noqa: E402  (the budget's, not a copy in the dashboard)
 from nvila_lab.config import list_presets  # noqa: E402
 from nvila_lab.dash import (TokenDashboard, build_token_dashboard, build_video_dashboard, default_images,  # noqa: E402
-                            human_flops, parse_scales, parse_settings, prompt_budget)
+                            human_flops, parse_scales, parse_settings)
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
