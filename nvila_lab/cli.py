@@ -19,8 +19,8 @@ from .config import MissingExtra, get_config, list_presets, llm_params, parse_se
 # nothing heavy here: torch, transformers, numpy and PIL are imported inside the commands that need them
 
 # %% auto #0
-__all__ = ['COMMANDS', 'UsageError', 'import_plugin', 'configure', 'budget_table', 'preset_summary', 'task_table', 'build_parser',
-           'main']
+__all__ = ['FP8_RECIPES', 'COMMANDS', 'UsageError', 'import_plugin', 'configure', 'budget_table', 'preset_summary', 'task_table',
+           'fp8_report', 'fp8_block', 'build_parser', 'main']
 
 # %% ../nbs/80_cli.ipynb #0e9c41b1
 class UsageError(Exception):
@@ -498,7 +498,7 @@ def _run_eval(args, out, err) -> int:
 
 # %% ../nbs/80_cli.ipynb #ad1fcc5f
 _TRAIN_SETTINGS = ("preset", "init", "data", "stages", "steps", "batch_size", "lr", "seed", "log_every", "save_every",
-                   "projector", "projector_args")
+                   "projector", "projector_args", "precision")
 
 
 def _add_train(sub) -> argparse.ArgumentParser:
@@ -513,6 +513,7 @@ def _add_train(sub) -> argparse.ArgumentParser:
                "           accelerate launch --multi_gpu --num_processes 2 -m nvila_lab.cli train --preset tiny "
                "--data data/train --steps 200 --batch-size 8 --out runs/b --json\n"
                "           (2 CPU processes: prefix CUDA_VISIBLE_DEVICES= ; accelerate's --cpu starts only one without MPI)\n"
+               "           nvila-lab train --preset tiny --data data/train --precision fp8-coat --steps 200 --out runs/c\n"
                "           nvila-lab train --out runs/a --resume",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", metavar="NAME", default=None, help="start from a fresh model of this preset")
@@ -530,6 +531,9 @@ def _add_train(sub) -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=_positive_int, metavar="N", default=None, help="steps per logged loss (default 10)")
     p.add_argument("--save-every", type=_positive_int, metavar="N", default=None,
                    help="steps between resumable states (default 50)")
+    p.add_argument("--precision", metavar="P", default=None,
+                   help="fp32 (default), bf16 (autocast, fp32 master weights), fp8 (+ FP8 linears in the LLM) or "
+                        "fp8-coat (+ FP8 AdamW states and activations, COAT); the checkpoint is float32 in every case")
     p.add_argument("--out", metavar="DIR", required=True, help="run folder: new or empty, unless --resume")
     p.add_argument("--resume", action="store_true", help="continue the stopped run in --out with its saved settings")
     p.add_argument("--stop-after", type=_positive_int, metavar="N", default=None,
@@ -561,7 +565,11 @@ def _train_settings(prog: str, args, out_dir) -> dict:
     if not args.data:
         raise UsageError(prog, "give at least one --data DIR (a folder written by `nvila-lab make-data`)")
     from pathlib import Path
-    from nvila_lab.train import get_stage
+    from nvila_lab.train import TrainConfig, get_stage
+    try:
+        TrainConfig(precision=args.precision or "fp32")
+    except ValueError as e:
+        raise UsageError(prog, f"--precision: {_one_line(e)}") from None
     stages = args.stages or ["scratch"]
     for s in stages:
         try:
@@ -574,6 +582,7 @@ def _train_settings(prog: str, args, out_dir) -> dict:
             "batch_size": args.batch_size or 8, "lr": args.lr, "seed": args.seed or 0,
             "log_every": args.log_every or 10, "save_every": args.save_every or 50,
             "projector": args.projector, "projector_args": [list(kv) for kv in args.projector_args],
+            "precision": args.precision or "fp32",
             "imports": [absolute(i) if i.endswith(".py") or Path(i).is_file() else i for i in args.imports]}
 
 
@@ -649,9 +658,17 @@ def _run_train(args, out, err) -> int:
             stopped = True
             break
         tc = TrainConfig(stage=name, steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], seed=s["seed"],
-                         log_every=s["log_every"], save_every=s["save_every"], out_dir=str(folder), stop_after=stop)
-        hist = train(model, rows, tc, resume=state if (state / "state.json").exists() else None, progress=True,
-                     accelerator=acc)
+                         log_every=s["log_every"], save_every=s["save_every"], out_dir=str(folder), stop_after=stop,
+                         precision=s.get("precision", "fp32"))  # runs from before --precision existed are fp32
+        try:
+            hist = train(model, rows, tc, resume=state if (state / "state.json").exists() else None, progress=True,
+                         accelerator=acc)
+        except FloatingPointError as e:  # a NaN/inf loss or gradient (precisions other than fp32): which step, what to do
+            print(f"{prog}: error: {_one_line(e)}; the run stopped there (nothing after the last saved state of "
+                  f"{folder / 'train_state'} was kept)", file=err)
+            return 1
+        except ValueError as e:  # e.g. --precision fp8 on a model with no layer the FP8 filter converts
+            raise UsageError(prog, _one_line(e)) from None
         last = hist.records[-1] if hist.records else {}
         stages.append({"stage": name, "steps": last.get("step", 0), "final_loss": last.get("loss"),
                        "history": [{"step": r["step"], "loss": r["loss"], "lr": r["lr"]} for r in hist.records]})
@@ -661,7 +678,8 @@ def _run_train(args, out, err) -> int:
             break
     result = {"steps": done, "final_loss": stages[-1]["final_loss"] if stages else None,
               "seconds": round(time.perf_counter() - t0, 2), "out": str(out_dir), "checkpoint": None,
-              "processes": acc.num_processes, "stopped": stopped, "projector": model.cfg.projector,
+              "processes": acc.num_processes, "stopped": stopped, "precision": s.get("precision", "fp32"),
+              "projector": model.cfg.projector,
               "projector_kwargs": dict(model.cfg.projector_kwargs), "stages": stages}
     if not stopped:
         ckpt = out_dir / "checkpoint"
@@ -683,9 +701,98 @@ def _run_train(args, out, err) -> int:
         print(f"stopped after step {done} of {len(s['stages']) * s['steps']}; continue with "
               f"`nvila-lab train --out {out_dir} --resume`", file=out)
     else:
-        print(f"trained {done} steps ({', '.join(s['stages'])}) in {result['seconds']:.1f} s on {acc.num_processes} "
-              f"process(es), final loss {result['final_loss']:.4f}; checkpoint {result['checkpoint']} "
+        print(f"trained {done} steps ({', '.join(s['stages'])}; precision {result['precision']}) in "
+              f"{result['seconds']:.1f} s on {acc.num_processes} process(es), final loss {result['final_loss']:.4f}; checkpoint {result['checkpoint']} "
               f"(nvila-lab eval --checkpoint {out_dir} --data DIR)", file=out)
+    return 0
+
+# %% ../nbs/80_cli.ipynb #861a03eb
+FP8_RECIPES = ("tensorwise", "rowwise", "coat")  # coat = the tensorwise linear + COAT's FP8 optimizer states
+_MAX_TENSOR = 2 ** 28  # elements of one of the layer's tensors (1 GiB in float32)
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    "argparse `type` for `--shape M,K,N` (M tokens, K inputs, N outputs), each a whole number >= 1."
+    parts = text.split(",")
+    usage = f"must be M,K,N: three whole numbers separated by commas, e.g. 4096,4096,11008; got {text!r}"
+    if len(parts) != 3 or not all(re.fullmatch(r"\s*-?[0-9]+\s*", p) for p in parts):
+        raise argparse.ArgumentTypeError(usage)
+    m, k, n = (int(p) for p in parts)
+    for name, v in zip("MKN", (m, k, n)):
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {v} (in {text!r})")
+    return m, k, n
+
+
+def _add_fp8(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "fp8", help="what FP8 costs one linear layer: SQNR of output and gradients, AdamW state bytes",
+        description="One linear layer of K inputs and N outputs on M tokens of seeded standard-normal data, in FP8 "
+                    "(notebook 21): SQNR of the output, the input gradient and the weight gradient against float32, "
+                    "and the bytes of AdamW's state for the K x N weight in float32 and COAT's FP8 (notebook 22).",
+        epilog="examples:  nvila-lab fp8 --shape 4096,3584,18944 --recipe tensorwise\n"
+               "           nvila-lab fp8 --shape 2048,1536,8960 --recipe coat --seed 1 --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", type=_shape, metavar="M,K,N", required=True,
+                   help="tokens, input features, output features, e.g. 4096,3584,18944")
+    p.add_argument("--recipe", metavar="NAME", default="tensorwise",
+                   help="tensorwise (default; COAT's for linears), rowwise, or coat (tensorwise + FP8 AdamW states)")
+    p.add_argument("--seed", type=_non_negative_int, metavar="S", default=0, help="seed of the inputs (default 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of the block")
+    return p
+
+
+def fp8_report(m: int, k: int, n: int, recipe: str = "tensorwise", seed: int = 0) -> dict:
+    """`fp8_layer_report(m, k, n)` of the recipe's linear (coat: tensorwise) plus `recipe` and `adamw_state_bytes`
+    ({'fp32', 'fp8'} for the K x N weight). A recipe that is not one of `FP8_RECIPES` or a shape too big is a ValueError."""
+    if recipe not in FP8_RECIPES:
+        from nvila_lab.config import did_you_mean
+        raise ValueError(did_you_mean("recipe", recipe, FP8_RECIPES))
+    for what, size in (("input M x K", m * k), ("weight K x N", k * n), ("output M x N", m * n)):
+        if size > _MAX_TENSOR:
+            raise ValueError(f"the {what} would hold {size:,} elements, more than {_MAX_TENSOR:,} (1 GiB in float32) "
+                             "that this report builds in memory; use a smaller shape (SQNR barely depends on M)")
+    from nvila_lab.fp8.linear import fp8_layer_report
+    from nvila_lab.fp8.optim import adamw_state_bytes
+    report = dict(fp8_layer_report(m, k, n, recipe="tensorwise" if recipe == "coat" else recipe, seed=seed))
+    return report | {"recipe": recipe, "adamw_state_bytes": dict(adamw_state_bytes(k * n))}
+
+
+def fp8_block(r: dict, shape: tuple[int, int, int]) -> str:
+    "The readable form of `fp8_report`'s dict."
+    m, k, n = shape
+    sb = r["adamw_state_bytes"]
+    known = {"sqnr_out_db", "sqnr_dgrad_db", "sqnr_wgrad_db", "adamw_state_bytes", "recipe", "shape", "padding"}
+    lines = [f"FP8 linear, M,K,N = {m},{k},{n} ({m} tokens x {k} inputs -> {n} outputs), recipe {r['recipe']}"
+             + (" (tensorwise linear + COAT states)" if r["recipe"] == "coat" else ""),
+             f"  SQNR vs float32: output {r['sqnr_out_db']:.1f} dB, input gradient {r['sqnr_dgrad_db']:.1f} dB, "
+             f"weight gradient {r['sqnr_wgrad_db']:.1f} dB",
+             f"  AdamW states of the {k} x {n} weight: fp32 {sb['fp32']:,} bytes, fp8 {sb['fp8']:,} bytes "
+             f"({sb['fp32'] / sb['fp8']:.2f}x smaller)"]
+    pad = {d.upper(): v for d, v in (r.get("padding") or {}).items() if v}
+    lines.append("  padded for the FP8 GEMM (multiples of 16): " + ", ".join(f"{d} +{v}" for d, v in pad.items())
+                 if pad else "  no padding: every dimension is a multiple of 16")
+    extra = {key: v for key, v in r.items() if key not in known}
+    if extra:
+        lines.append("  " + ", ".join(f"{key} {v}" for key, v in extra.items()))
+    return "\n".join(lines)
+
+
+def _run_fp8(args, out, err) -> int:
+    prog = "nvila-lab fp8"
+    m, k, n = args.shape
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # "FP8 on cpu: numerics only": one line, not two
+            warnings.simplefilter("always")
+            r = fp8_report(m, k, n, args.recipe, args.seed)
+        for w in caught:
+            print(f"{prog}: note: {_one_line(w.message)} (the SQNR above does not depend on it)", file=err)
+    except ValueError as e:  # an unknown recipe, a shape too big, or one the FP8 GEMM refuses
+        raise UsageError(prog, _one_line(e)) from None
+    if args.json:
+        print(json.dumps(r, default=str), file=out)
+    else:
+        print(fp8_block(r, args.shape), file=out)
     return 0
 
 # %% ../nbs/80_cli.ipynb #890cac6d
@@ -697,6 +804,7 @@ COMMANDS = {
     "ask": (_add_ask, _run_ask),
     "eval": (_add_eval, _run_eval),
     "train": (_add_train, _run_train),
+    "fp8": (_add_fp8, _run_fp8),
 }
 
 
@@ -714,6 +822,10 @@ def main(argv: list[str] | None = None) -> int:
     "Run the `nvila-lab` command line on `argv` (default `sys.argv[1:]`); returns the exit status."
     out, err = sys.stdout, sys.stderr
     argv = sys.argv[1:] if argv is None else list(argv)
+    for i in range(len(argv) - 1):  # `--shape -1,2,3`: argparse would take the value for an option; hand it over
+        if argv[i] == "--shape" and argv[i + 1].startswith("-"):
+            argv[i:i + 2] = [f"--shape={argv[i + 1]}"]
+            break
     parser = build_parser()
     command = None
     try:

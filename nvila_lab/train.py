@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -25,9 +27,9 @@ from .data import row_media
 from .model import NVILAModel
 
 # %% auto #0
-__all__ = ['VISION_MODES', 'LLM_MODES', 'STAGES', 'LORA_TARGETS', 'Stage', 'get_stage', 'apply_stage', 'merge_lora',
+__all__ = ['VISION_MODES', 'LLM_MODES', 'STAGES', 'LORA_TARGETS', 'PRECISIONS', 'Stage', 'get_stage', 'apply_stage', 'merge_lora',
            'count_trainable', 'TrainConfig', 'TrainHistory', 'AnswerLoss', 'step_rows', 'shard', 'save_train_state',
-           'make_accelerator', 'train']
+           'make_accelerator', 'train', 'convert_for_precision', 'restore_precision', 'make_optimizer']
 
 # %% ../nbs/10_train.ipynb #088decfb
 VISION_MODES = ("full", "layernorm", "frozen")
@@ -128,6 +130,9 @@ def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 # %% ../nbs/10_train.ipynb #b1661ca8
+PRECISIONS = ("fp32", "bf16", "fp8", "fp8-coat")
+
+
 @dataclass
 class TrainConfig:
     "How long and how to train; the stage says what trains."
@@ -142,6 +147,12 @@ class TrainConfig:
     out_dir: str | None = None
     tiling: str | None = None  # encode training images with this tiling mode ('resize': one tile) instead of the model's
     stop_after: int | None = None  # stop (saving the state) after this step, as an interruption would; resume continues
+    precision: str = "fp32"  # 'fp32' | 'bf16' (autocast, fp32 master weights) | 'fp8' (+ FP8 LLM linears) | 'fp8-coat'
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(did_you_mean("precision", self.precision, PRECISIONS,
+                                          "fp8-coat = FP8 linears + FP8 AdamW states + FP8 activations (COAT)."))
 
 
 @dataclass
@@ -245,16 +256,30 @@ def train(model: NVILAModel, data, tc: TrainConfig | None = None, resume: str | 
     """Train `model` on `data` (indexable dataset of image/question/answer dicts) for `tc.steps` steps of `tc.stage`.
     `callback(step, history, model)` runs after every log step (e.g. a held-out evaluation; return a dict to log it).
     Under `accelerate launch` every process runs this same call; the result equals a one-process run. A given
-    `accelerator` must be built like `make_accelerator()` (DDP with `find_unused_parameters=True`)."""
-    from transformers import get_cosine_schedule_with_warmup
+    `accelerator` must be built like `make_accelerator()` (DDP with `find_unused_parameters=True`).
+    `tc.precision` other than 'fp32' runs the forward under bf16 autocast (fp32 master weights); 'fp8'/'fp8-coat'
+    convert the LLM's linears (and, for COAT, its saved activations) for the run only: `model` comes back plain.
+    Under those precisions a NaN/inf loss or gradient stops the run with a `FloatingPointError` naming the step."""
     tc = tc or TrainConfig()
     stage = get_stage(tc.stage)
     if tc.lr is not None:
         stage = replace(stage, lr=tc.lr)
+    if tc.precision not in PRECISIONS:  # a TrainConfig changed after it was made
+        raise ValueError(did_you_mean("precision", tc.precision, PRECISIONS))
     if len(data) == 0:
         raise ValueError("the training data is empty")
     if tc.tiling is not None and tc.tiling not in TILING_MODES:
         raise ValueError(f"TrainConfig.tiling must be None (the model's own) or one of {TILING_MODES}, got {tc.tiling!r}")
+    st = None
+    if resume is not None:
+        resume = Path(resume)
+        if not (resume / "state.json").exists():
+            raise FileNotFoundError(f"{resume}: no training state (state.json) to resume from")
+        st = json.loads((resume / "state.json").read_text())
+        saved = st["train_config"].get("precision", "fp32")  # states written before precisions existed are fp32
+        if saved != tc.precision:
+            raise ValueError(f"{resume} was trained with precision {saved!r}, not {tc.precision!r}: resume it with "
+                             f"precision={saved!r} (its optimizer state is {saved}'s), or start a new run")
     acc = accelerator or make_accelerator()
     world, rank = acc.num_processes, acc.process_index
     if tc.batch_size < world:
@@ -263,14 +288,21 @@ def train(model: NVILAModel, data, tc: TrainConfig | None = None, resume: str | 
     torch.manual_seed(tc.seed)
     groups = apply_stage(model, stage)
     model.to(acc.device)
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)  # NVILA: AdamW, no weight decay
+    convert_for_precision(model, tc.precision, acc.device, announce=acc.is_main_process)
+    try:
+        return _train_loop(model, data, tc, stage, groups, acc, st, resume, progress, callback)
+    finally:
+        restore_precision(model, tc.precision)  # plain nn.Linear / norms again, the same Parameters
+        model.eval()
+
+
+def _train_loop(model, data, tc, stage, groups, acc, st, resume, progress, callback) -> TrainHistory:
+    from transformers import get_cosine_schedule_with_warmup
+    world, rank = acc.num_processes, acc.process_index
+    opt = make_optimizer(groups, tc.precision)  # NVILA: AdamW, no weight decay
     sched = get_cosine_schedule_with_warmup(opt, max(1, int(stage.warmup_ratio * tc.steps)), tc.steps)
     history, start = TrainHistory(), 0
-    if resume is not None:
-        resume = Path(resume)
-        if not (resume / "state.json").exists():
-            raise FileNotFoundError(f"{resume}: no training state (state.json) to resume from")
-        st = json.loads((resume / "state.json").read_text())
+    if st is not None:
         load_model(model, str(resume / "model.safetensors"), device=str(acc.device))
         _load_optimizer(opt, load_file(str(resume / "optimizer.safetensors"), device=str(acc.device)), st["optimizer"])
         sched.load_state_dict(st["scheduler"])
@@ -278,24 +310,52 @@ def train(model: NVILAModel, data, tc: TrainConfig | None = None, resume: str | 
         torch.set_rng_state(torch.tensor(st["torch_rng"], dtype=torch.uint8))
     # the scheduler stays unprepared: accelerate would step it once per process
     wrapped, popt = acc.prepare(AnswerLoss(model), opt)
-    tiling = (lambda: model.encoder.tiling_as(tc.tiling)) if tc.tiling else contextlib.nullcontext
-    params = [p for g in groups for p in g["params"]]
-    end = min(tc.steps, tc.stop_after) if tc.stop_after is not None else tc.steps
     wrapped.train()
+    with warnings.catch_warnings():  # FP8Linear's own "numerics only" warning: convert_for_precision said it once
+        warnings.filterwarnings("ignore", message=r"FP8 on \w+: numerics only")
+        return _steps(model, data, tc, stage, acc, opt, popt, sched, wrapped, history, start, progress, callback)
+
+
+def _steps(model, data, tc, stage, acc, opt, popt, sched, wrapped, history, start, progress, callback) -> TrainHistory:
+    world, rank = acc.num_processes, acc.process_index
+    tiling = (lambda: model.encoder.tiling_as(tc.tiling)) if tc.tiling else contextlib.nullcontext
+    autocast = lambda: (contextlib.nullcontext() if tc.precision == "fp32" else
+                        torch.autocast(device_type=acc.device.type, dtype=torch.bfloat16))
+    checked = tc.precision != "fp32"  # fp32 runs as it always has
+    fp8_error = ()  # the exception FP8 quantisation raises on NaN/inf (names the layer); nothing to catch in fp32/bf16
+    if tc.precision.startswith("fp8"):
+        from nvila_lab.fp8.formats import NonFiniteError
+        fp8_error = NonFiniteError
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for g in opt.param_groups for p in g["params"]]
+    end = min(tc.steps, tc.stop_after) if tc.stop_after is not None else tc.steps
     t0 = time.perf_counter() - (history.records[-1]["seconds"] if history.records else 0.0)
     seen, running = 0, []
     bar = tqdm(total=tc.steps, initial=start, disable=not progress or not acc.is_main_process, desc=stage.name)
     for step in range(start, end):
         rows = [data[i] for i in shard(step_rows(len(data), tc.batch_size, tc.seed, step), rank, world)]
-        with tiling():
-            total, n_tokens = wrapped([row_media(r) for r in rows], [r["question"] for r in rows],
-                                      [r["answer"] for r in rows])
-        n_global = acc.reduce(n_tokens.detach().float(), "sum")  # answer tokens of the whole global batch
-        acc.backward(total * world / n_global.clamp(min=1))  # DDP averages gradients over the processes
+        try:
+            with tiling(), autocast():
+                total, n_tokens = wrapped([row_media(r) for r in rows], [r["question"] for r in rows],
+                                          [r["answer"] for r in rows])
+            n_global = acc.reduce(n_tokens.detach().float(), "sum")  # answer tokens of the whole global batch
+            loss = (acc.reduce(total.detach(), "sum") / n_global.clamp(min=1)).item()
+            if checked and not math.isfinite(loss):
+                raise FloatingPointError(f"step {step + 1} (precision {tc.precision!r}): the loss is {loss}; lower "
+                                         f"the learning rate (peak {stage.lr:.3g}) or check the data")
+            acc.backward(total * world / n_global.clamp(min=1))  # DDP averages gradients over the processes
+        except fp8_error as e:
+            raise FloatingPointError(f"step {step + 1} (precision {tc.precision!r}): {_one_line(e)}") from None
+        if checked:  # before clipping: clipping by a NaN norm would turn every gradient into NaN
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if not torch.isfinite(norm):
+                bad = [names.get(id(p), "?") for p in params if p.grad is not None and not torch.isfinite(p.grad).all()]
+                raise FloatingPointError(f"step {step + 1} (precision {tc.precision!r}): the gradient is NaN/inf in "
+                                         f"{len(bad)} parameter(s), first {bad[0] if bad else '?'}; no update was "
+                                         f"applied; lower the learning rate (peak {stage.lr:.3g}) or check the data")
         if tc.grad_clip:
             acc.clip_grad_norm_(params, tc.grad_clip)
         popt.step(); sched.step(); popt.zero_grad(set_to_none=True)
-        loss = (acc.reduce(total.detach(), "sum") / n_global.clamp(min=1)).item()
         seen += tc.batch_size; running.append(loss)
         done = step + 1
         if done % tc.log_every == 0 or done == tc.steps or done == end:
@@ -317,5 +377,66 @@ def train(model: NVILAModel, data, tc: TrainConfig | None = None, resume: str | 
     if tc.out_dir and acc.is_main_process:
         save_train_state(Path(tc.out_dir) / "train_state", model, opt, sched, max(start, end), history, tc)
     acc.wait_for_everyone()
-    model.eval()
     return history
+
+# %% ../nbs/10_train.ipynb #48471f71
+_SPEED_NOTED: set[str] = set()  # devices this process already said "no FP8 speed" for (one line per process)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()).rstrip(".") or type(e).__name__
+
+
+def convert_for_precision(model: NVILAModel, precision: str, device: torch.device | str = "cpu",
+                          announce: bool = True) -> dict[str, list[str]]:
+    """Convert `model` in place for a run at `precision`; `restore_precision` undoes it.
+    'fp32' and 'bf16' change nothing here (bf16 is autocast in the loop). 'fp8' swaps the LLM's projections for
+    `FP8Linear` (`nvila_lab.fp8.linear.convert_to_fp8`, tensorwise, NVILA's default filter); 'fp8-coat' also stores
+    the inputs the LLM's norms and MLP activation save for backward in per-group-16 E4M3
+    (`nvila_lab.fp8.activations.convert_activations_to_fp8`). Without FP8 hardware one line on stderr says the speed-up
+    is not available (the numerics are the same). -> {'linears': converted names, 'activations': converted names}."""
+    if precision not in PRECISIONS:
+        raise ValueError(did_you_mean("precision", precision, PRECISIONS))
+    out = {"linears": [], "activations": []}
+    if not precision.startswith("fp8"):
+        return out
+    from nvila_lab.fp8.linear import convert_to_fp8, fp8_speed_available  # low-level: imported only when asked for
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "nothing matched" becomes the error below
+        out["linears"] = convert_to_fp8(model, recipe="tensorwise")
+    if not out["linears"]:
+        raise ValueError(f"precision {precision!r}: no linear layer of the model matched nvila_lab.fp8.linear's default "
+                         "filter (the LLM's q/k/v/o/gate/up/down projections), so nothing would run in FP8; train in "
+                         "'bf16' instead")
+    if precision == "fp8-coat":
+        from nvila_lab.fp8.activations import convert_activations_to_fp8
+        try:
+            out["activations"] = convert_activations_to_fp8(model, group=16)
+        except BaseException:
+            restore_precision(model, "fp8")
+            raise
+    device = torch.device(device)
+    if announce and not fp8_speed_available(device) and str(device) not in _SPEED_NOTED:
+        _SPEED_NOTED.add(str(device))
+        print(f"precision {precision!r}: FP8 speed is not available on {device} (FP8 GEMMs need a CUDA GPU of "
+              "compute capability 8.9+); training runs the same FP8 numerics, emulated", file=sys.stderr)
+    return out
+
+
+def restore_precision(model: NVILAModel, precision: str) -> None:
+    "Undo `convert_for_precision`: plain `nn.Linear`s and norms again, holding the same Parameters (same state_dict keys)."
+    if not precision.startswith("fp8"):
+        return
+    from nvila_lab.fp8.linear import convert_from_fp8
+    if precision == "fp8-coat":
+        from nvila_lab.fp8.activations import convert_activations_from_fp8
+        convert_activations_from_fp8(model)
+    convert_from_fp8(model)
+
+
+def make_optimizer(groups: list[dict], precision: str = "fp32") -> torch.optim.Optimizer:
+    "NVILA's AdamW without weight decay; for 'fp8-coat' COAT's `FP8AdamW` (both moments in E4M3, per-group-128 scales)."
+    if precision == "fp8-coat":
+        from nvila_lab.fp8.optim import FP8AdamW
+        return FP8AdamW(groups, weight_decay=0.0)
+    return torch.optim.AdamW(groups, weight_decay=0.0)

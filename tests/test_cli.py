@@ -6,6 +6,7 @@ problem, never a traceback), the human table, and the promise that the command s
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -804,3 +805,112 @@ def test_train_usage_errors(tmp_path, small_set, argv, needles):
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("nvila-lab train: error: "), r.stderr
     for n in needles:
         assert fill(n) in r.stderr, (n, r.stderr)
+
+
+# ---------------------------------------------------------------- precision and fp8 (issue 12)
+
+def test_train_precision_fp8_coat_trains_resumes_and_its_checkpoint_works(tmp_path, small_set, capsys, image_path):
+    "--precision fp8-coat: stop after 1 of 2 steps, resume == straight (bitwise); the checkpoint is a normal one."
+    base = ["train", "--preset", "tiny", "--data", str(small_set), "--steps", "2", "--batch-size", "3", "--log-every",
+            "1", "--save-every", "1", "--precision", "fp8-coat"]
+    rc, o, e = run_main(capsys, *base, "--out", str(tmp_path / "a"))
+    assert rc == 0 and "precision fp8-coat" in o and o.count("\n") == 1, (o, e)
+    rc, o, _ = run_main(capsys, *base, "--out", str(tmp_path / "b"), "--stop-after", "1", "--json")
+    assert rc == 0 and json.loads(o)["stopped"] and json.loads(o)["precision"] == "fp8-coat"
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["precision"] == "fp8-coat"
+    rc, _, e = run_main(capsys, "train", "--out", str(tmp_path / "b"), "--resume", "--precision", "bf16")
+    assert rc == 2 and "drop --precision" in e and e.count("\n") == 1, e
+    rc, o, e = run_main(capsys, "train", "--out", str(tmp_path / "b"), "--resume", "--json")
+    assert rc == 0, e
+    rest = json.loads(o)
+    assert (rest["steps"], rest["stopped"], rest["precision"]) == (2, False, "fp8-coat")
+    wa, wb = _weights(tmp_path / "a" / "checkpoint"), _weights(rest["checkpoint"])
+    assert wa.keys() == wb.keys() and all(torch_equal(wa[k], wb[k]) for k in wa)
+    import torch
+    plain = _weights(_saved_plain(tmp_path / "plain"))
+    assert wa.keys() == plain.keys() and {v.dtype for v in wa.values()} == {torch.float32}  # same keys, float32
+    rc, o, e = run_main(capsys, "eval", "--checkpoint", str(tmp_path / "b"), "--data", str(small_set), "--json")
+    assert rc == 0 and json.loads(o)["n"] == 6, e
+    rc, o, e = run_main(capsys, "ask", "--checkpoint", str(tmp_path / "b"), image_path, "What colour?",
+                        "--max-new-tokens", "3")
+    assert rc == 0 and o.endswith("\n"), e
+
+
+def _saved_plain(folder):
+    from nvila_lab.checkpoint import save_nvila
+    from nvila_lab.data import load_tokenizer
+    from nvila_lab.model import NVILAModel
+    from nvila_lab.config import get_config
+    tok = load_tokenizer()
+    return save_nvila(NVILAModel(get_config("tiny", vocab_size=max(len(tok), get_config("tiny").vocab_size)), tok), folder)
+
+
+def test_train_nan_under_fp8_is_one_line_naming_the_step(tmp_path, small_set, capsys):
+    rc, o, e = run_main(capsys, "train", "--preset", "tiny", "--data", str(small_set), "--steps", "6", "--batch-size",
+                        "3", "--lr", "1e30", "--precision", "fp8", "--out", str(tmp_path / "r"))
+    assert rc == 1 and o == "" and "Traceback" not in e, e
+    errors = re.findall(r"nvila-lab train: error: [^\n\r]*", e)  # stderr also holds the progress bar
+    assert len(errors) == 1 and re.match(r"nvila-lab train: error: step [1-6] \(precision 'fp8'\): ", errors[0]), e
+    assert "the run stopped there" in errors[0]
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--precision", "fp9"], ["--precision: unknown precision 'fp9'", "did you mean 'fp8'?"]),
+    (["--precision", "FP8-COAT"], ["unknown precision 'FP8-COAT'"]),
+])
+def test_train_bad_precision(tmp_path, small_set, capsys, argv, needles):
+    rc, o, e = run_main(capsys, "train", "--preset", "tiny", "--data", str(small_set), "--out", str(tmp_path / "o"), *argv)
+    assert rc == 2 and o == "" and e.count("\n") == 1 and e.startswith("nvila-lab train: error: "), e
+    assert all(n in e for n in needles), e
+    assert not (tmp_path / "o").exists()
+
+
+def test_fp8_json_is_one_line_with_the_report_and_state_bytes(capsys):
+    from nvila_lab.fp8.linear import fp8_layer_report
+    rc, o, e = run_main(capsys, "fp8", "--shape", "64,128,256", "--recipe", "coat", "--seed", "3", "--json")
+    assert rc == 0 and o.count("\n") == 1, (o, e)
+    d = json.loads(o)
+    assert d["recipe"] == "coat"
+    ref = fp8_layer_report(64, 128, 256, recipe="tensorwise", seed=3)
+    assert {k: d[k] for k in ("sqnr_out_db", "sqnr_dgrad_db", "sqnr_wgrad_db")} == \
+        {k: ref[k] for k in ("sqnr_out_db", "sqnr_dgrad_db", "sqnr_wgrad_db")}
+    assert d["adamw_state_bytes"]["fp32"] == 8 * 128 * 256  # exp_avg + exp_avg_sq in float32, by hand
+    assert d["adamw_state_bytes"]["fp32"] / d["adamw_state_bytes"]["fp8"] >= 3.8
+    rc, o2, _ = run_main(capsys, "fp8", "--shape", "64,128,256", "--recipe", "rowwise", "--seed", "3", "--json")
+    assert rc == 0 and json.loads(o2)["sqnr_out_db"] != d["sqnr_out_db"]  # another recipe, other numerics
+    rc, o3, _ = run_main(capsys, "fp8", "--shape", "64,128,256", "--recipe", "coat", "--seed", "4", "--json")
+    assert json.loads(o3)["sqnr_out_db"] != d["sqnr_out_db"]  # the seed draws other inputs
+
+
+def test_fp8_block_is_readable(capsys):
+    rc, o, e = run_main(capsys, "fp8", "--shape", "32,64,128")
+    assert rc == 0, e
+    lines = o.splitlines()
+    assert lines[0].startswith("FP8 linear, M,K,N = 32,64,128") and "recipe tensorwise" in lines[0]
+    assert re.search(r"output [0-9.]+ dB, input gradient [0-9.]+ dB, weight gradient [0-9.]+ dB", lines[1]), o
+    assert "fp32 65,536 bytes" in lines[2], o  # 2 x 4 bytes x 64 x 128
+
+
+def test_fp8_shapes_the_gemm_cannot_take_are_padded_or_refused(capsys):
+    rc, o, e = run_main(capsys, "fp8", "--shape", "30,100,200", "--json")
+    if rc == 0:  # padded: the report must say so
+        assert "pad" in o, o
+    else:
+        assert rc == 2 and e.count("\n") == 1 and "16" in e, e
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--shape", "4096x4096"], "must be M,K,N: three whole numbers separated by commas"),
+    (["--shape", "4096,4096"], "three whole numbers"),
+    (["--shape", "-1,64,64"], "M must be at least 1, got -1"),
+    (["--shape", "64,0,64"], "K must be at least 1, got 0"),
+    (["--shape", "a,b,c"], "got 'a,b,c'"),
+    (["--shape", "64,64,64", "--recipe", "rowise"], "unknown recipe 'rowise'; did you mean 'rowwise'?"),
+    (["--shape", "64,64,64", "--seed", "-1"], "argument --seed: must be 0 or more"),
+    (["--shape", "1048576,1024,64"], "more than 268,435,456"),
+    ([], "required: --shape"),
+])
+def test_fp8_bad_input_is_one_line(capsys, argv, needle):
+    rc, o, e = run_main(capsys, "fp8", *argv)
+    assert rc == 2 and o == "" and e.count("\n") == 1 and e.startswith("nvila-lab fp8: error: "), e
+    assert needle in e, e

@@ -164,3 +164,181 @@ def test_callback_can_log_extra_values(tok, data):
 def test_empty_data_is_refused(tok):
     with pytest.raises(ValueError, match="empty"):
         train(NVILAModel("tiny", tok), [], TrainConfig(steps=1), progress=False)
+
+
+# ---------------------------------------------------------------- precision: bf16, fp8, fp8-coat (issue 12)
+# Small, fast runs: 64x64 pages encoded as one tile (16 visual tokens), a few steps each.
+
+def _small(tasks=("colour", "position"), n=4, seed=8):
+    return SyntheticVQA(tasks=list(tasks), n=n, seed=seed, size=(64, 64))
+
+
+def _tc(**kw):
+    return TrainConfig(**{"steps": 3, "batch_size": 4, "log_every": 1, "tiling": "resize", **kw})
+
+
+def _llm_q(model):
+    return model.llm.model.layers[0].self_attn.q_proj
+
+
+def test_unknown_precision_is_one_line_with_a_hint():
+    with pytest.raises(ValueError, match=r"unknown precision 'fp8_coat'; did you mean 'fp8-coat'\? Choices: fp32, bf16"):
+        TrainConfig(precision="fp8_coat")
+    tc = TrainConfig()
+    tc.precision = "int4"  # changed after construction: train checks again
+    with pytest.raises(ValueError, match="unknown precision 'int4'"):
+        train(NVILAModel("tiny", load_tokenizer()), _small(), tc, progress=False)
+    assert TrainConfig().precision == "fp32"
+
+
+def test_bf16_autocasts_the_forward_and_keeps_fp32_master_weights(tok):
+    seen = []
+    torch.manual_seed(0)
+    m = NVILAModel("tiny", tok)
+    hook = _llm_q(m).register_forward_hook(lambda mod, i, o: seen.append(o.dtype))
+    h16 = train(m, _small(), _tc(precision="bf16"), progress=False)
+    hook.remove()
+    assert set(seen) == {torch.bfloat16}  # the LLM's matmuls ran in bf16
+    assert {p.dtype for p in m.parameters()} == {torch.float32}  # master weights (and the checkpoint) stay fp32
+    torch.manual_seed(0)
+    h32 = train(NVILAModel("tiny", tok), _small(), _tc(), progress=False)
+    assert h16.losses == pytest.approx(h32.losses, rel=2e-2)  # close to fp32 ...
+    assert h16.losses != h32.losses  # ... but not fp32 itself
+
+
+def test_fp8_converts_the_llm_projections_for_the_run_only(tok):
+    from nvila_lab.fp8.linear import FP8Linear
+    torch.manual_seed(0)
+    m = NVILAModel("tiny", tok)
+    keys, params = list(m.state_dict()), {n: id(p) for n, p in m.named_parameters()}
+    during = {}
+
+    def look(step, hist, model):
+        during.update({n: type(mod) for n, mod in model.named_modules() if isinstance(mod, nn.Linear)})
+    train(m, _small(), _tc(precision="fp8", steps=1), progress=False, callback=look)
+    fp8 = sorted(n for n, t in during.items() if issubclass(t, FP8Linear))
+    assert fp8 and all(n.startswith("llm.") for n in fp8), fp8
+    assert "llm.model.layers.0.self_attn.q_proj" in fp8 and "llm.model.layers.3.mlp.down_proj" in fp8
+    assert not any(issubclass(during[n], FP8Linear) for n in during if n.startswith("encoder."))  # vision, projector
+    assert not issubclass(during["llm.lm_head"], FP8Linear)
+    assert all(type(mod) is nn.Linear for mod in m.modules() if isinstance(mod, nn.Linear))  # plain again
+    assert list(m.state_dict()) == keys and {n: id(p) for n, p in m.named_parameters()} == params
+    assert {p.dtype for p in m.parameters()} == {torch.float32}
+
+
+def test_fp8_without_fp8_hardware_says_so_once(tok, capsys):
+    import nvila_lab.train as tr
+    from nvila_lab.fp8.linear import fp8_speed_available
+    assert not fp8_speed_available(torch.device("cpu"))
+    tr._SPEED_NOTED.clear()
+    for _ in range(2):
+        train(NVILAModel("tiny", tok), _small(), _tc(precision="fp8", steps=1), progress=False)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "speed" in line]
+    assert len(lines) == 1 and "FP8 speed is not available on cpu" in lines[0], err
+
+
+def _opt_file(folder):
+    from safetensors.torch import load_file
+    return load_file(str(folder / "optimizer.safetensors")), json.loads((folder / "state.json").read_text())
+
+
+def test_fp8_coat_resume_after_real_steps_equals_a_straight_run(tok, tmp_path, stop=3):
+    "fp8-coat: K steps, stop, resume (into other weights) to N == N straight, bitwise: weights, FP8 AdamW states, losses."
+    data = _small(("colour", "position", "read_code"), n=3)
+    tc = dict(steps=4, save_every=2, precision="fp8-coat")
+    torch.manual_seed(0)
+    straight = NVILAModel("tiny", tok)
+    h = train(straight, data, _tc(**tc, out_dir=str(tmp_path / "a")), progress=False)
+    torch.manual_seed(0)
+    first = NVILAModel("tiny", tok)
+    train(first, data, _tc(**tc, out_dir=str(tmp_path / "b"), stop_after=stop), progress=False)
+    _, st = _opt_file(tmp_path / "b" / "train_state")
+    assert st["step"] == stop and st["train_config"]["precision"] == "fp8-coat"
+    torch.manual_seed(99)
+    resumed = NVILAModel("tiny", tok)
+    h2 = train(resumed, data, _tc(**tc, out_dir=str(tmp_path / "b")), resume=tmp_path / "b" / "train_state",
+               progress=False)
+    assert [r["step"] for r in h2.records] == [1, 2, 3, 4]
+    assert h2.losses == h.losses and h.losses[0] != h.losses[-1]  # bitwise the same losses
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    (ta, sa), (tb, sb) = _opt_file(tmp_path / "a" / "train_state"), _opt_file(tmp_path / "b" / "train_state")
+    assert sa["optimizer"]["scalars"] == sb["optimizer"]["scalars"] and sa["scheduler"] == sb["scheduler"]
+    assert sorted(ta) == sorted(tb)
+    fp8 = [k for k, v in ta.items() if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)]
+    assert fp8, {k: v.dtype for k, v in ta.items()}  # the moments really are stored in FP8 ...
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype, k  # ... and came back as FP8 after the resume (not cast to fp32)
+        assert torch.equal(ta[k].float(), tb[k].float()), k
+    assert any(ta[k].float().abs().sum() > 0 for k in fp8)
+    from safetensors.torch import load_file, save_model
+    save_model(NVILAModel("tiny", tok), str(tmp_path / "plain.safetensors"))  # a plain model's keys (tied weights once)
+    assert set(load_file(str(tmp_path / "a" / "train_state" / "model.safetensors"))) == \
+        set(load_file(str(tmp_path / "plain.safetensors")))
+
+
+def test_fp8_coat_uses_fp8_adamw_and_resume_checks_the_precision(tok, tmp_path):
+    from nvila_lab.fp8.optim import FP8AdamW
+    from nvila_lab.train import make_optimizer
+    assert isinstance(make_optimizer([{"params": [nn.Parameter(torch.zeros(4))]}], "fp8-coat"), FP8AdamW)
+    assert type(make_optimizer([{"params": [nn.Parameter(torch.zeros(4))]}], "fp8")) is torch.optim.AdamW
+    m = NVILAModel("tiny", tok)
+    train(m, _small(), _tc(precision="fp8-coat", steps=2, stop_after=1, out_dir=str(tmp_path)), progress=False)
+    with pytest.raises(ValueError, match=r"trained with precision 'fp8-coat', not 'fp32': resume it with "
+                                         r"precision='fp8-coat'") as e:
+        train(m, _small(), _tc(steps=2, out_dir=str(tmp_path)), resume=tmp_path / "train_state", progress=False)
+    assert "\n" not in str(e.value)
+    assert all(type(mod) is nn.Linear for mod in m.modules() if isinstance(mod, nn.Linear))
+
+
+def test_a_nan_weight_under_fp8_names_the_step_and_the_layer(tok):
+    m = NVILAModel("tiny", tok)
+    with torch.no_grad():
+        _llm_q(m).weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"step 1 \(precision 'fp8'\): .*layers\.0\.self_attn\.q_proj") as e:
+        train(m, _small(), _tc(precision="fp8"), progress=False)
+    assert "\n" not in str(e.value)
+    assert type(_llm_q(m)) is nn.Linear  # restored even though the run failed
+
+
+def test_an_absurd_learning_rate_under_fp8_stops_at_the_step_it_breaks(tok):
+    m = NVILAModel("tiny", tok)
+    with pytest.raises(FloatingPointError, match=r"step [2-9] \(precision 'fp8-coat'\)"):
+        train(m, _small(), _tc(precision="fp8-coat", steps=6, lr=1e30, grad_clip=0.0), progress=False)
+    assert all(type(mod) is nn.Linear for mod in m.modules() if isinstance(mod, nn.Linear))
+
+
+def test_a_nan_gradient_names_the_parameter_and_applies_no_update(tok):
+    m = NVILAModel("tiny", tok)
+    w = m.encoder.projector.proj[0].weight if hasattr(m.encoder.projector, "proj") else next(m.encoder.projector.parameters())
+    name = next(n for n, p in m.named_parameters() if p is w)
+    w.register_hook(lambda g: g * float("nan"))  # a finite loss, a NaN gradient in one parameter (not an FP8 layer)
+    before = w.detach().clone()
+    with pytest.raises(FloatingPointError, match=rf"step 1 \(precision 'fp8'\): the gradient is NaN/inf in 1 "
+                                                 rf"parameter\(s\), first {name}"):
+        train(m, _small(), _tc(precision="fp8"), progress=False)
+    assert torch.equal(w.detach(), before)  # the bad step changed nothing
+
+
+def test_fp32_keeps_its_old_behaviour_on_nan(tok):
+    "fp32 is today's loop, unchanged: no NaN check (the check above is what precision != fp32 adds)."
+    m = NVILAModel("tiny", tok)
+    next(m.encoder.projector.parameters()).register_hook(lambda g: g * float("nan"))
+    h = train(m, _small(), _tc(steps=1, grad_clip=0.0), progress=False)
+    assert len(h.records) == 1
+
+
+def test_an_fp8_checkpoint_is_a_normal_checkpoint(tok, tmp_path):
+    from nvila_lab.checkpoint import load_nvila, save_nvila
+    torch.manual_seed(0)
+    m = NVILAModel("tiny", tok)
+    train(m, _small(), _tc(precision="fp8-coat", steps=2), progress=False)
+    folder = save_nvila(m, tmp_path / "ckpt")
+    back = load_nvila(folder)
+    sd, sd2 = m.state_dict(), back.state_dict()
+    assert list(sd2) == list(NVILAModel("tiny", tok).state_dict())
+    assert all(torch.equal(sd[k], sd2[k]) and sd2[k].dtype == torch.float32 for k in sd)
+    row = _small()[0]
+    assert back.generate(row["image"], row["question"], max_new_tokens=3) == m.generate(row["image"], row["question"],
+                                                                                      max_new_tokens=3)
