@@ -156,10 +156,14 @@ def test_benchmark_runs_without_torchao(tmp_path):
     assert "torchao not importable" in r.stdout
 
 
-def test_benchmark_refuses_without_gpu():
+def test_benchmark_refuses_without_gpu_and_bad_names():
     pytest.importorskip("transformers")
     import torch
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is here")
-    r = subprocess.run([sys.executable, str(SCRIPT), "--steps", "1"], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode != 0 and "--cpu-smoke" in r.stderr
+    bench = _load_script()
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--cpu-smoke"):
+            bench.main(["--steps", "1"])
+    with pytest.raises(SystemExit, match="qwen2-7b"):
+        bench.main(["--cpu-smoke", "--shapes", "qwen2-8b"])
+    with pytest.raises(SystemExit, match="kit-coat"):
+        bench.main(["--cpu-smoke", "--columns", "bf16,fp4"])
