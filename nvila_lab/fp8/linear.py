@@ -102,6 +102,8 @@ def fp8_mm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: tor
     (m, k), (k2, n) = a.shape, b.shape
     if k != k2:
         raise ValueError(f"{what}: inner dimensions differ, [{m}, {k}] x [{k2}, {n}]")
+    if 0 in (m, k, n):  # an empty batch (or layer): nothing to multiply, an exact zero result
+        return torch.zeros(m, n, dtype=out_dtype, device=a.device)
     pk, pn = -k % MULTIPLE, -n % MULTIPLE
     if (pk or pn) and not pad:
         raise ValueError(f"{what}: shape [{m}, {k}] x [{k}, {n}] needs K and N to be multiples of {MULTIPLE} for "
@@ -129,6 +131,10 @@ class FP8LinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: FP8Recipe, name: str = "FP8Linear",
                 check_finite: bool = True, pad: bool = True, stats: dict | None = None) -> torch.Tensor:
         # x [M, K], weight [N, K] -> y [M, N]
+        ctx.empty = x.shape[0] == 0
+        if ctx.empty:  # no tokens: y, dX and dW are exact zeros (per-column scales of an empty x do not exist)
+            ctx.w_shape, ctx.w_dtype = weight.shape, weight.dtype
+            return x.new_zeros(0, weight.shape[0])
         g, r = recipe.granularity, recipe
         q = lambda t, fmt, what: quantize(t, fmt, g, check_finite=check_finite, name=f"{name} {what}")
         xq, wq = q(x, r.input_fmt, "input"), q(weight, r.weight_fmt, "weight")  # row: scales [M, 1] and [N, 1]
@@ -150,6 +156,10 @@ class FP8LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        if ctx.empty:
+            gx = grad_out.new_zeros(0, ctx.w_shape[1]) if ctx.needs_input_grad[0] else None
+            gw = grad_out.new_zeros(ctx.w_shape, dtype=ctx.w_dtype) if ctx.needs_input_grad[1] else None
+            return gx, gw, None, None, None, None, None
         xd, xs, wd, ws = ctx.saved_tensors
         r, name = ctx.recipe, ctx.name
         q = lambda t: quantize(t, r.grad_fmt, r.granularity, check_finite=ctx.check_finite,
