@@ -19,6 +19,7 @@ from nvila_lab.dash_fp8 import (DASH_RECIPES, FP8Dashboard, build_fp8_dashboard,
 from nvila_lab.fp8 import speed  # noqa: E402
 from nvila_lab.fp8.linear import fp8_layer_report  # noqa: E402
 from nvila_lab.fp8.optim import adamw_state_bytes  # noqa: E402
+from test_browser import chromium, lab  # noqa: E402,F401  (the browser test's fixtures: JupyterLab server, chromium)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -114,3 +115,32 @@ def test_measured_numbers_come_from_committed_gpu_json(tmp_path):
         assert d.speed["measured"] is None
     finally:
         d.close()
+
+
+@pytest.mark.browser
+def test_fp8_dashboard_updates_in_jupyterlab(chromium, lab, tmp_path):
+    "The dashboard in a real JupyterLab (the token dashboard's server and browser fixtures): a recipe change redraws."
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
+    from test_browser import CHROMIUM_ARGS, NOTEBOOK, READY_JS
+    nb = json.loads(json.dumps(NOTEBOOK))
+    nb["cells"][0]["source"] = ("from nvila_lab.dash_fp8 import build_fp8_dashboard\n"
+                                "d = build_fp8_dashboard(layer='qwen2-1.5b/k_proj', seq=512)\nd")
+    (tmp_path / "root" / "fp8.ipynb").write_text(json.dumps(nb))
+    want = {r: f"{speed.expected_step_speedup('qwen2-1.5b', 512, 'h200', r):.2f}x" for r in ("tensorwise", "coat")}
+    assert want["tensorwise"] != want["coat"]
+    sel = "document.querySelector('.nvl-fp8-dashboard .nvl-fp8-expected')"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1200})
+            page.goto(f"{lab}/lab/tree/fp8.ipynb", timeout=30_000)
+            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=30_000)
+            assert page.evaluate(READY_JS) == "python3"
+            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells'); null")
+            page.locator(".nvl-fp8-dashboard .nvl-fp8-expected").wait_for(timeout=60_000)
+            page.wait_for_function(f"{sel} && {sel}.textContent === '{want['tensorwise']}'", timeout=15_000)
+            assert "unmeasured" in page.locator(".nvl-fp8-dashboard .nvl-fp8-measured").inner_text()
+            page.locator(".nvl-fp8-dashboard .widget-dropdown select").nth(1).select_option(label="coat")
+            page.wait_for_function(f"{sel}.textContent === '{want['coat']}'", timeout=30_000)
+        finally:
+            browser.close()
