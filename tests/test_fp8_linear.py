@@ -209,3 +209,17 @@ def test_empty_batch_and_frozen_weight(recipe):
     x = torch.randn(2, 5, 32, requires_grad=True)
     f(x).sum().backward()
     assert x.grad.shape == x.shape and f.weight.grad is None
+
+
+def test_numerics_only_note_is_one_line_once(monkeypatch):
+    import warnings
+
+    import nvila_lab.fp8.linear as fp8_linear
+    monkeypatch.setattr(fp8_linear, "_SPEED_CHECKED", set())
+    f = FP8Linear.from_linear(nn.Linear(16, 16))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        f(torch.randn(2, 16))
+        f(torch.randn(2, 16))
+    msgs = [str(w.message) for w in caught if "numerics only" in str(w.message)]
+    assert msgs == ["FP8 on cpu: numerics only: FP8 speed needs an sm_89+ GPU"]

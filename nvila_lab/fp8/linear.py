@@ -74,13 +74,16 @@ def fp8_speed_available(device: torch.device | str | None = None) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-_SPEED_WARNED: set[str] = set()
+_SPEED_CHECKED: set[str] = set()  # devices already looked at (and warned about, when slow)
 
 
 def _warn_numerics_only(device: torch.device) -> None:
-    "One warning a process (per device type) when FP8 runs where it cannot be fast."
-    if device.type not in _SPEED_WARNED and not fp8_speed_available(device):
-        _SPEED_WARNED.add(device.type)
+    "One warning a process per device when FP8 runs where it cannot be fast (checked once per device)."
+    key = str(device)
+    if key in _SPEED_CHECKED:
+        return
+    _SPEED_CHECKED.add(key)
+    if not fp8_speed_available(device):
         warnings.warn(f"FP8 on {device.type}: numerics only: FP8 speed needs an sm_89+ GPU", stacklevel=2)
 
 
