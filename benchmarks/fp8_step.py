@@ -6,7 +6,8 @@ For each layer shape (Qwen2-7B's and Qwen2-1.5B's decoder layer: a transformers 
 embeddings from `Qwen2RotaryEmbedding`) and token count (one sequence of 2048, 4096, 8192 tokens), one training
 step = forward + backward (a fixed random output gradient) + optimizer step, timed with CUDA events after a
 warm-up, median of `--steps`. Weights and activations are bf16; every column's optimizer holds fp32 master
-weights (grads copied up, step, weights copied down), as NVILA trains. Columns, all in the same run:
+weights (grads copied up, step, weights copied down), as NVILA trains; its learning rate is 0 (the same kernels
+run, the weights stay the seeded ones, so every row's SQNR against bf16 compares the same weights). Columns, all in the same run:
 
   bf16                 the layer as transformers builds it, torch AdamW (fused on CUDA)
   kit-tensorwise       the kit's FP8 linears, `nvila_lab.fp8.linear.convert_to_fp8(recipe="tensorwise")`
@@ -170,8 +171,10 @@ def _all_linears(name: str, module: nn.Module) -> bool:
 def make_column(column: str, layer: nn.Module, device: torch.device) -> tuple[MasterWeights, str]:
     "Convert `layer` in place for `column` and build its optimizer; returns (optimizer, note). Raises ImportError."
     note = ""
-    adamw = (lambda ps: torch.optim.AdamW(ps, lr=1e-5, fused=True)) if device.type == "cuda" else \
-        (lambda ps: torch.optim.AdamW(ps, lr=1e-5, foreach=True))
+    # lr 0: every kernel of the step runs as usual, but the weights stay the seeded ones, so each row's SQNR
+    # against the bf16 layer compares the same weights
+    adamw = (lambda ps: torch.optim.AdamW(ps, lr=0.0, fused=True)) if device.type == "cuda" else \
+        (lambda ps: torch.optim.AdamW(ps, lr=0.0, foreach=True))
     if column.startswith("kit-"):
         from nvila_lab.fp8.linear import convert_to_fp8
         recipe = "rowwise" if column == "kit-rowwise" else "tensorwise"
@@ -184,7 +187,7 @@ def make_column(column: str, layer: nn.Module, device: torch.device) -> tuple[Ma
             from nvila_lab.fp8.optim import FP8AdamW
             acts = convert_activations_to_fp8(layer, group=16)
             note += f"; {len(acts)} activation module(s) FP8 (group 16): {', '.join(acts) or 'none matched'}; FP8AdamW"
-            return MasterWeights(layer.parameters(), lambda ps: FP8AdamW(ps, lr=1e-5)), note
+            return MasterWeights(layer.parameters(), lambda ps: FP8AdamW(ps, lr=0.0)), note
     elif column == speed.TORCHAO_COLUMN:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
         cfg = Float8LinearConfig.from_recipe_name("tensorwise")
