@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from nvila_lab.fp8.formats import NonFiniteError, sqnr_db
+from nvila_lab.fp8.formats import NonFiniteError, quantize, sqnr_db
 from nvila_lab.fp8.linear import (RECIPES, FP8Linear, FP8LinearFunction, convert_from_fp8, convert_to_fp8,
                                   default_filter, fp8_layer_report, fp8_mm, fp8_recipe)
 
@@ -170,6 +170,11 @@ def test_rowwise_scales_per_row():
     b = torch.tensor([[1.0, 1.0], [0.0, 2.0]]).to(torch.float8_e4m3fn)
     got = fp8_mm(a, b, torch.tensor([[1.0], [2.0]]), torch.tensor([[1.0, 4.0]]))
     assert got.tolist() == [[1.0, 1.25], [1.5, 1.375]]
+    # a single token and a single output (row scales of one element each, N padded 1 -> 16)
+    x1, w1 = torch.randn(1, 24, generator=g), torch.randn(1, 24, generator=g)
+    y1 = FP8LinearFunction.apply(x1, w1, RECIPES["rowwise"])
+    dq = lambda v: quantize(v, "e4m3", "row").dequantize()
+    torch.testing.assert_close(y1, dq(x1) @ dq(w1).t(), rtol=1e-6, atol=1e-6)
 
 
 def test_layer_report_fields():

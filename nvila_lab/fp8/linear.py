@@ -116,9 +116,9 @@ def fp8_mm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: tor
         a, b = _pad_fp8(a, 1, pk), _pad_fp8(b, 0, pk)
     if pn:
         b = _pad_fp8(b, 1, pn)
-        if b_inv.numel() > 1:
+        if b_inv.dim():  # row scales [1, N]: the padded columns get scale 1
             b_inv = F.pad(b_inv, (0, pn), value=1.0)
-    rowwise = a_inv.numel() > 1 or b_inv.numel() > 1
+    rowwise = a_inv.dim() > 0 or b_inv.dim() > 0  # per-tensor scales are 0-d
     # the kernel wants a row-major and b column-major; the CUDA row-wise kernel only writes bf16
     od = torch.bfloat16 if (rowwise and a.is_cuda) else out_dtype
     out = torch._scaled_mm(a.contiguous(), b.t().contiguous().t(), a_inv.contiguous(), b_inv.contiguous(),
