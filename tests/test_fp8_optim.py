@@ -281,3 +281,30 @@ def test_compressed_state_is_a_dataclass_with_its_parts():
     assert isinstance(cs, CompressedState) and cs.group == 128 and cs.shape == (300,)
     assert (cs.data.dtype, cs.scale.dtype, cs.k16.dtype, cs.centre.dtype) == \
         (torch.float8_e4m3fn, torch.bfloat16, torch.uint8, torch.bfloat16)
+
+
+def test_buckets_equal_one_tensor_at_a_time(monkeypatch):
+    "Small tensors are updated side by side in buckets; the result equals updating each tensor alone, bit for bit,"
+    " also when step counts differ (a parameter without a gradient in some steps) and dtypes are mixed."
+    import nvila_lab.fp8.optim as O
+
+    def go(bucket):
+        monkeypatch.setattr(O, "BUCKET", bucket)
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in ((5,), (64, 3), (300,), (2, 2))]
+        ps.append(torch.nn.Parameter(torch.randn(40, dtype=torch.bfloat16)))
+        opt = FP8AdamW(ps, lr=1e-2, weight_decay=0.05)
+        g = torch.Generator().manual_seed(1)
+        for step in range(6):
+            for i, p in enumerate(ps):
+                p.grad = None if (i == 1 and step % 2) else torch.randn(p.shape, generator=g).to(p.dtype)
+            opt.step()
+        return ps, opt
+
+    (a, oa), (b, ob) = go(1 << 22), go(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert oa.state[a[1]]["step"] == 3 and oa.state[a[0]]["step"] == 6
+    for x, y in zip(a, b):
+        for k, v in oa.state[x].items():
+            assert (torch.equal(v.view(torch.uint8), ob.state[y][k].view(torch.uint8)) if isinstance(v, torch.Tensor)
+                    else v == ob.state[y][k])
