@@ -41,8 +41,8 @@ def test_saved_bytes_hand_cases():
     r = saved_activation_bytes(lambda: x @ w)
     assert (r["activations"], r["parameters"], r["n_saved"]) == (512, 256, 2)
     assert saved_activation_bytes(lambda: x.sin())["by_dtype"] == {"float32": 512}
-    r = saved_activation_bytes(lambda: (x.sin(), x.cos(), x.t().tanh()))  # x and a view of it: one storage + tanh out
-    assert r["activations"] == 2 * 512 and r["n_saved"] == 3
+    r = saved_activation_bytes(lambda: (x.sin(), x.cos(), x.t().sin(), x.tanh()))  # x, a view of x; tanh's output
+    assert r["activations"] == 2 * 512 and r["n_saved"] == 4
     assert saved_activation_bytes(lambda: F.linear(x, w.t()))["parameters"] == 256
     assert saved_activation_bytes(lambda: x @ w, params=[x])["activations"] == 0
     assert saved_activation_bytes(lambda: x.detach() * 2)["n_saved"] == 0
