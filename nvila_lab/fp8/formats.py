@@ -103,7 +103,7 @@ def amax(x: torch.Tensor, granularity: str = "tensor", group: int = 16) -> torch
     if granularity == "tensor":
         return a.amax() if a.numel() else torch.zeros(())
     if granularity == "row":
-        return a.amax(-1, keepdim=True)
+        return a.amax(-1, keepdim=True) if a.shape[-1] else a.new_zeros(*a.shape[:-1], 1)
     k = x.shape[-1]
     if k % group:
         raise ValueError(f"per-group scaling needs the last dimension ({k}) to be a multiple of the group size "
