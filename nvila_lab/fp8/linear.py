@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -126,29 +126,35 @@ def fp8_mm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: tor
     return out[:, :n].to(out_dtype)
 
 # %% ../../nbs/21_fp8_linear.ipynb #e1ec13d5
+def _quantize_operand(t: torch.Tensor, fmt, recipe: FP8Recipe, check_finite: bool, name: str):
+    "(copy for the forward GEMM, copy saved for backward): the same object per tensor, a per-column copy per row."
+    q = lambda v: quantize(v, fmt, recipe.granularity, check_finite=check_finite, name=name)
+    fwd = q(t)  # tensor: one scale; row: [rows, 1]
+    return fwd, (fwd if recipe.granularity == "tensor" else q(t.t()))  # row: the saved copy is [K, rows] per column
+
+
 class FP8LinearFunction(torch.autograd.Function):
     """y = x W^T with all three GEMMs in FP8: x, W in the recipe's input/weight format (E4M3), the output gradient
-    in its gradient format (E5M2). Only FP8 copies of x and W are saved for backward."""
+    in its gradient format (E5M2). x is saved as an FP8 copy; W as an FP8 copy (`weight_copy=True`, torchao's
+    default) or as itself, the Parameter already in memory, re-quantised in backward (COAT's memory-efficient
+    choice, the kit's default). `x_fp8` passes copies of x already made (layers that read the same tensor share)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: FP8Recipe, name: str = "FP8Linear",
-                check_finite: bool = True, pad: bool = True, stats: dict | None = None) -> torch.Tensor:
+                check_finite: bool = True, pad: bool = True, stats: dict | None = None, weight_copy: bool = False,
+                x_fp8: tuple | None = None) -> torch.Tensor:
         # x [M, K], weight [N, K] -> y [M, N]
-        ctx.empty = x.shape[0] == 0
-        if ctx.empty:  # no tokens: y, dX and dW are exact zeros (per-column scales of an empty x do not exist)
-            ctx.w_shape, ctx.w_dtype = weight.shape, weight.dtype
-            return x.new_zeros(0, weight.shape[0])
-        g, r = recipe.granularity, recipe
-        q = lambda t, fmt, what: quantize(t, fmt, g, check_finite=check_finite, name=f"{name} {what}")
-        xq, wq = q(x, r.input_fmt, "input"), q(weight, r.weight_fmt, "weight")  # row: scales [M, 1] and [N, 1]
+        r = recipe
+        xq, xq_saved = x_fp8 or _quantize_operand(x, r.input_fmt, r, check_finite, f"{name} input")
+        wq, wq_saved = _quantize_operand(weight, r.weight_fmt, r, check_finite, f"{name} weight")
         y = fp8_mm(xq.data, wq.data.t(), xq.scale, wq.scale.t(), x.dtype, pad, f"{name} forward")
-        if g == "row":
-            # the backward GEMMs contract over N (dgrad) and M (wgrad): row scales of the forward copies lie along
-            # the wrong dim, so, as torchao does, quantise x and W once more along the other axis (from the
-            # high-precision values, here in the forward) and save only those copies: [K, M] and [K, N]
-            xq, wq = q(x.t(), r.input_fmt, "input"), q(weight.t(), r.weight_fmt, "weight")
-        ctx.save_for_backward(xq.data, xq.scale, wq.data, wq.scale)
-        ctx.recipe, ctx.name, ctx.check_finite, ctx.pad = recipe, name, check_finite, pad
+        # row recipe: the backward GEMMs contract over N (dgrad) and M (wgrad), so the saved copies are the per-column
+        # ones ([K, M] and [K, N]), quantised from the high-precision values while the forward still has them
+        if weight_copy:
+            ctx.save_for_backward(xq_saved.data, xq_saved.scale, wq_saved.data, wq_saved.scale)
+        else:  # the weight itself (no new memory) and its scale: backward re-quantises to the same FP8 values
+            ctx.save_for_backward(xq_saved.data, xq_saved.scale, weight, wq_saved.scale)
+        ctx.recipe, ctx.name, ctx.check_finite, ctx.pad, ctx.weight_copy = recipe, name, check_finite, pad, weight_copy
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
         if stats is not None:
             stats["calls"] = stats.get("calls", 0) + 1
@@ -159,12 +165,11 @@ class FP8LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        if ctx.empty:
-            gx = grad_out.new_zeros(0, ctx.w_shape[1]) if ctx.needs_input_grad[0] else None
-            gw = grad_out.new_zeros(ctx.w_shape, dtype=ctx.w_dtype) if ctx.needs_input_grad[1] else None
-            return gx, gw, None, None, None, None, None
         xd, xs, wd, ws = ctx.saved_tensors
         r, name = ctx.recipe, ctx.name
+        if not ctx.weight_copy:  # re-quantise W with the forward's scale: the same FP8 values, bit for bit
+            w = wd if r.granularity == "tensor" else wd.t()
+            wd = quantize(w, r.weight_fmt, r.granularity, scale=ws, check_finite=False).data
         q = lambda t: quantize(t, r.grad_fmt, r.granularity, check_finite=ctx.check_finite,
                                name=f"{name} output gradient")
         gx = gw = None
@@ -187,48 +192,104 @@ class FP8LinearFunction(torch.autograd.Function):
                 gw = fp8_mm(gq.data, xd.t(), gq.scale, xs.t(), ctx.w_dtype, ctx.pad, f"{name} wgrad")
         if ctx.stats is not None:
             ctx.stats["grad_saturated"] = ctx.stats.get("grad_saturated", 0) + n_sat
-        return gx, gw, None, None, None, None, None
+        return gx, gw, None, None, None, None, None, None, None
 
 # %% ../../nbs/21_fp8_linear.ipynb #a61d2c01
+class _SharedInput:
+    """The FP8 copies of the last input an FP8Linear quantised, held by weak references: the next layer reading the
+    very same tensor (k and v after q, up after gate) reuses them, so autograd saves one copy, not three."""
+    def __init__(self):
+        self.src = self.key = self.copies = None
+
+    def get(self, x: torch.Tensor, key: tuple) -> list | None:
+        "[(FP8Tensor without data, its data or None if freed)] for (forward copy, saved copy), or None on a miss."
+        if self.src is None or self.src() is not x or self.key != key:
+            return None
+        return [(f, ref()) for f, ref in self.copies]
+
+    def put(self, x: torch.Tensor, key: tuple, copies: tuple) -> None:
+        import weakref
+        self.src, self.key = weakref.ref(x), key
+        # the FP8Tensors without their data (which only autograd's saved tensors keep alive) and weak refs to it
+        self.copies = [(replace(f, data=None), weakref.ref(f.data)) for f in copies]
+
+
+def _with_data(f, data: torch.Tensor):
+    "The FP8Tensor `f` again, with its data tensor (kept alive by autograd) put back."
+    return replace(f, data=data)
+
+
+_SHARED = _SharedInput()
+
+
 class FP8Linear(nn.Linear):
     """`nn.Linear` whose three GEMMs run in FP8 (`FP8LinearFunction`); weight and bias stay high-precision
-    Parameters under the same names, so state dicts and checkpoints do not change. Bias is added in high precision."""
+    Parameters under the same names, so state dicts and checkpoints do not change. Bias is added in high precision.
+    `weight_copy=True` saves an FP8 copy of the weight for backward (torchao's default) instead of re-quantising
+    the weight there; `share_inputs=False` stops layers that read the same tensor sharing its FP8 copy."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
-                 recipe: str | FP8Recipe = "tensorwise", name: str = "", check_finite: bool = True, pad: bool = True):
+                 recipe: str | FP8Recipe = "tensorwise", name: str = "", check_finite: bool = True, pad: bool = True,
+                 weight_copy: bool = False, share_inputs: bool = True):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.recipe, self.name = fp8_recipe(recipe), name
         self.check_finite, self.pad = check_finite, pad  # check_finite=False: no NaN check, no counts, no syncs
+        self.weight_copy, self.share_inputs = weight_copy, share_inputs
         self.stats: dict[str, int] = {"calls": 0, "input_saturated": 0, "weight_saturated": 0, "grad_saturated": 0}
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: str | FP8Recipe = "tensorwise", name: str = "",
-                    check_finite: bool = True, pad: bool = True) -> "FP8Linear":
+                    check_finite: bool = True, pad: bool = True, weight_copy: bool = False,
+                    share_inputs: bool = True) -> "FP8Linear":
         "An FP8Linear sharing `linear`'s weight and bias Parameters (no copy)."
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"FP8Linear.from_linear needs an nn.Linear, got {type(linear).__name__}")
         with torch.device("meta"):
             new = cls(linear.in_features, linear.out_features, bias=False, recipe=recipe, name=name,
-                      check_finite=check_finite, pad=pad)
+                      check_finite=check_finite, pad=pad, weight_copy=weight_copy, share_inputs=share_inputs)
         new.weight, new.bias = linear.weight, linear.bias
         new.train(linear.training)
         return new
 
+    def _input_copies(self, x: torch.Tensor, x2: torch.Tensor, name: str) -> tuple | None:
+        "FP8 copies of the [M, K] input `x2` (made from `x`), shared with other layers reading the same `x`."
+        if not (self.share_inputs and torch.is_grad_enabled()):
+            return None
+        key = (x._version, x.data_ptr(), tuple(x.shape), x2.dtype, self.recipe.name, self.check_finite)
+        hit = _SHARED.get(x, key)
+        if hit is None or hit[1][1] is None:  # nothing to share, or the saved copy's graph is gone: quantise afresh
+            copies = _quantize_operand(x2.detach(), self.recipe.input_fmt, self.recipe, self.check_finite,
+                                       f"{name} input")
+            _SHARED.put(x, key, copies)
+            return copies
+        (f_meta, f_data), (s_meta, s_data) = hit
+        saved = _with_data(s_meta, s_data)
+        if f_data is not None:
+            return _with_data(f_meta, f_data), saved
+        # row recipe: the forward copy is not saved by autograd, so it may be gone; only it is made again
+        return quantize(x2.detach(), self.recipe.input_fmt, "row", check_finite=self.check_finite,
+                        name=f"{name} input"), saved
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
-        _warn_numerics_only(x.device)
-        if torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        lead = x.shape[:-1]
-        y = FP8LinearFunction.apply(x.reshape(-1, self.in_features), self.weight, self.recipe,
-                                    self.name or "FP8Linear", self.check_finite, self.pad, self.stats)
+        src, dev = x, x.device.type
+        if dev != "meta":
+            _warn_numerics_only(x.device)
+            if torch.is_autocast_enabled(dev):
+                x = x.to(torch.get_autocast_dtype(dev))
+        lead, name = x.shape[:-1], self.name or "FP8Linear"
+        x2 = x.reshape(-1, self.in_features)
+        y = FP8LinearFunction.apply(x2, self.weight, self.recipe, name, self.check_finite, self.pad, self.stats,
+                                    self.weight_copy, self._input_copies(src, x2, name) if dev != "meta" else None)
         y = y.reshape(*lead, self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, recipe={self.recipe.name}" + (f", name={self.name!r}" if self.name else "")
+        extra = (", weight_copy=True" if self.weight_copy else "") + (", share_inputs=False" if not self.share_inputs else "")
+        return (f"{super().extra_repr()}, recipe={self.recipe.name}{extra}"
+                + (f", name={self.name!r}" if self.name else ""))
 
 # %% ../../nbs/21_fp8_linear.ipynb #aaa210b2
-LLM_LINEAR = re.compile(r"(^|\.)layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
+LLM_LINEAR = re.compile(r"(^|\.)(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
 NOT_LLM = ("vision_tower", "tower", "vision_model", "visual", "encoder", "mm_projector", "projector")
 
 
