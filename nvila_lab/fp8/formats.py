@@ -165,6 +165,7 @@ def quantize(x: torch.Tensor, fmt: str | FP8Format = "e4m3", granularity: str = 
              name: str = "tensor") -> FP8Tensor:
     "Scale `x` into `fmt` and cast (round to nearest even), saturating at ±max and counting what saturated."
     fmt = fp8_format(fmt)
+    check_finite = check_finite and x.device.type != "meta"  # the meta device has shapes only: nothing to check or count
     if check_finite and x.numel() and not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).sum().item()
         raise NonFiniteError(f"{name} has {bad} NaN/inf value(s) of {x.numel()}: FP8 cannot scale it; "
