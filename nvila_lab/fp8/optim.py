@@ -1,5 +1,4 @@
-"""AdamW's two moments in E4M3, 128 values a group, stretched by a per-group power so that a group's values fill the
-format's range: optimizer-state memory 3.85x smaller than fp32 AdamW, with the update direction kept.
+"""AdamW's two moments in E4M3, 128 values a group, each group stretched to fill the format's range: optimizer states 3.85x smaller than fp32 AdamW.
 
 Docs: https://nvila-lab.github.io/nvila-lab/fp8_optim.html.md"""
 
