@@ -279,7 +279,7 @@ class FP8Linear(nn.Linear):
         lead, name = x.shape[:-1], self.name or "FP8Linear"
         x2 = x.reshape(-1, self.in_features)
         y = FP8LinearFunction.apply(x2, self.weight, self.recipe, name, self.check_finite, self.pad, self.stats,
-                                    self.weight_copy, self._input_copies(src, x2, name) if dev != "meta" else None)
+                                    self.weight_copy, self._input_copies(src, x2, name))
         y = y.reshape(*lead, self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
