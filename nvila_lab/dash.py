@@ -33,9 +33,10 @@ FigureCanvasAgg = require("matplotlib.backends.backend_agg", "lab", "the dashboa
                           package="matplotlib").FigureCanvasAgg
 
 # %% auto #0
-__all__ = ['W', 'Figure', 'FigureCanvasAgg', 'SAMPLES_DIR', 'MAX_SCALE_RATIO', 'PNG_MAGIC', 'human_flops', 'parse_scales',
-           'parse_settings', 'settings_text', 'compressor_help', 'default_images', 'TokenDashboard',
-           'build_token_dashboard', 'VideoTokenDashboard', 'build_video_dashboard']
+__all__ = ['W', 'Figure', 'FigureCanvasAgg', 'SAMPLES_DIR', 'MAX_SCALE_RATIO', 'FG1', 'FG2', 'PNG_MAGIC', 'human_flops',
+           'parse_scales', 'parse_settings', 'settings_text', 'compressor_help', 'default_images', 'png_bytes',
+           'close_tree', 'html_table', 'TokenDashboard', 'build_token_dashboard', 'VideoTokenDashboard',
+           'build_video_dashboard']
 
 # %% ../nbs/60_dash_tokens.ipynb #09a8c30b
 SAMPLES_DIR = Path(nvila_lab.__file__).resolve().parent.parent / "data_samples" / "images"
@@ -111,13 +112,13 @@ def default_images(folder: str | Path | None = None) -> dict[str, Image.Image]:
 # %% ../nbs/60_dash_tokens.ipynb #4b56948f
 _PARTS = (("vision tower", "vit_flops", "#4c78a8"), ("projector", "projector_flops", "#54a24b"),
           ("LLM prefill", "llm_prefill_flops", "#f58518"))
-_FG1, _FG2, _LINE = ("var(--jp-content-font-color1,#222)", "var(--jp-content-font-color2,#555)",
+FG1, FG2, _LINE = ("var(--jp-content-font-color1,#222)", "var(--jp-content-font-color2,#555)",
                      "var(--jp-border-color2,#eee)")  # JupyterLab's theme colours (light and dark), plain ones elsewhere
 _TD = f"padding:2px 8px;border-bottom:1px solid {_LINE};text-align:right;white-space:nowrap"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _png(img: Image.Image | Figure) -> bytes:
+def png_bytes(img: Image.Image | Figure) -> bytes:
     "PNG bytes of a PIL image or a matplotlib figure (fast compression: dashboards redraw often)."
     buf = io.BytesIO()
     if isinstance(img, Figure):
@@ -127,7 +128,7 @@ def _png(img: Image.Image | Figure) -> bytes:
     return buf.getvalue()
 
 
-def _close_tree(root: W.Widget) -> None:
+def close_tree(root: W.Widget) -> None:
     "Close every widget below `root` (its children, theirs, ...), freeing their kernel-side state."
     todo = list(getattr(root, "children", ()))
     while todo:
@@ -148,20 +149,20 @@ def _delta(new: float, old: float | None, flops: bool = False) -> str:
 
 def _summary_html(b: TokenBudget, cfg: NVILAConfig) -> str:
     "The big numbers: visual tokens, vision passes, LLM positions, FLOPs; a warning past the LLM's context."
-    big = f"font-size:22px;font-weight:600;color:{_FG1}"
+    big = f"font-size:22px;font-weight:600;color:{FG1}"
     over = (f"<div style='color:#a02020'>{b.llm_positions:,} positions exceed the LLM's context of "
             f"{cfg.max_length:,}</div>") if b.llm_positions > cfg.max_length else ""
-    return (f"<div style='padding:2px 0 8px 0;color:{_FG2}'>"
+    return (f"<div style='padding:2px 0 8px 0;color:{FG2}'>"
             f"<span class='nvl-tokens' style='{big}'>{b.visual_tokens:,}</span> visual tokens &nbsp;\u00b7&nbsp; "
             f"<span class='nvl-passes' style='{big}'>{b.vit_passes}</span> vision passes &nbsp;\u00b7&nbsp; "
             f"<span class='nvl-positions' style='{big}'>{b.llm_positions:,}</span> LLM positions &nbsp;\u00b7&nbsp; "
             f"<span class='nvl-flops' style='{big}'>{human_flops(b.total_flops)}</span></div>{over}")
 
 
-def _table(head: list[str], rows: list[list[str]], bold: int = 1) -> str:
+def html_table(head: list[str], rows: list[list[str]], bold: int = 1) -> str:
     "An HTML budget table: `head` labels, `rows` of cells (the first is the row's label, escaped); column `bold` in bold."
-    th = "".join(f"<th style='{_TD};color:{_FG2};font-weight:600'>{html.escape(h)}</th>" for h in head)
-    body = "".join(f"<tr class='nvl-row'><td style='{_TD};text-align:left;color:{_FG1}'>{html.escape(r[0])}</td>"
+    th = "".join(f"<th style='{_TD};color:{FG2};font-weight:600'>{html.escape(h)}</th>" for h in head)
+    body = "".join(f"<tr class='nvl-row'><td style='{_TD};text-align:left;color:{FG1}'>{html.escape(r[0])}</td>"
                    + "".join(f"<td style='{_TD}{';font-weight:600' * (i == bold)}'>{c}</td>"
                              for i, c in enumerate(r[1:], 1)) + "</tr>" for r in rows)
     return (f"<table class='nvl-budget' style='border-collapse:collapse;font-size:13px;line-height:1.5'>"
@@ -197,7 +198,7 @@ class _BudgetDashboard(W.VBox):
 
     def close(self) -> None:
         "Close the dashboard and every widget inside it (frees their kernel-side state)."
-        _close_tree(self)
+        close_tree(self)
         super().close()
 
     def _new_chart(self, figsize: tuple[float, float], max_width: str) -> W.Image:
@@ -210,7 +211,7 @@ class _BudgetDashboard(W.VBox):
     def _lay_out(self, title: str, subtitle: str, controls: list, right: list, css_class: str) -> None:
         "The controls under a heading on the left, the outputs on the right."
         heading = W.HTML(f"<b style='font-size:15px'>{html.escape(title)}</b><br>"
-                         f"<span style='color:{_FG2}'>{html.escape(subtitle)}</span>")
+                         f"<span style='color:{FG2}'>{html.escape(subtitle)}</span>")
         left = W.VBox([heading, *controls], layout=W.Layout(width="314px", min_width="314px", padding="4px 14px 4px 0"))
         W.VBox.__init__(self, [W.HBox([left, W.VBox(right, layout=W.Layout(flex="1 1 auto", min_width="0"))],
                                       layout=W.Layout(align_items="flex-start"))])
@@ -495,7 +496,7 @@ class TokenDashboard(_BudgetDashboard):
                 self.compressor.options = options
                 self.compressor.value = cfg.projector
         note = compressor_help(cfg.projector)
-        self.compressor_info.value = (f"<div style='color:{_FG2};font-size:11.5px;line-height:1.3'>"
+        self.compressor_info.value = (f"<div style='color:{FG2};font-size:11.5px;line-height:1.3'>"
                                       f"{html.escape(note)}</div>")
 
     def _show_message(self, text: str) -> None:
@@ -510,7 +511,7 @@ class TokenDashboard(_BudgetDashboard):
         if key not in self._pictures:
             if len(self._pictures) > 64:
                 self._pictures.clear()
-            self._pictures[key] = _png(draw_plan(self._previews[name], small, width=small.scales[-1].size[0]))
+            self._pictures[key] = png_bytes(draw_plan(self._previews[name], small, width=small.scales[-1].size[0]))
         return self._pictures[key]
 
     @staticmethod
@@ -526,7 +527,7 @@ class TokenDashboard(_BudgetDashboard):
             text += " In this prompt: " + "; ".join(
                 f"{i}. {n} ({b.input}): {b.vit_passes} vision pass{'es' * (b.vit_passes > 1)}, {b.visual_tokens:,} tokens"
                 for i, (n, b) in enumerate(zip(names, each), 1)) + "."
-        return f"<div style='color:{_FG2};font-size:12px;line-height:1.35'>{html.escape(text)}</div>"
+        return f"<div style='color:{FG2};font-size:12px;line-height:1.35'>{html.escape(text)}</div>"
 
     def table_html(self) -> str:
         "The budget as an HTML table: this setting, the change since the last one, and the resize baseline."
@@ -546,7 +547,7 @@ class TokenDashboard(_BudgetDashboard):
                          _delta(getattr(b, attr), p and getattr(p, attr), True), human_flops(getattr(base, attr))])
         rows.append(["FLOPs total", human_flops(b.total_flops), _delta(b.total_flops, p and p.total_flops, True),
                      human_flops(base.total_flops)])
-        return _table(["", "this setting", "change", "resize"], rows)
+        return html_table(["", "this setting", "change", "resize"], rows)
 
     def _chart_png(self) -> bytes:
         "Horizontal stacked FLOP bars: this setting, the preset as shipped, the resize baseline."
@@ -574,7 +575,7 @@ class TokenDashboard(_BudgetDashboard):
         ax.legend(loc="lower right", fontsize=8, frameon=False, ncols=3, bbox_to_anchor=(1, 1.0), borderaxespad=0.2)
         ax.grid(axis="x", alpha=0.25)
         self._fig.subplots_adjust(left=0.2, right=0.98, top=0.86, bottom=0.2)  # fixed: tight_layout would draw twice
-        return _png(self._fig)
+        return png_bytes(self._fig)
 
     # ---- display ----
     def __repr__(self) -> str:
@@ -601,7 +602,7 @@ class TokenDashboard(_BudgetDashboard):
                                f"{_MODE_LABELS.get(self.mode.value)}, scales {self.scales.value}, {self.compressor.value}"
                                f"{f' ({self.settings.value})' if self.settings.value else ''}, max tiles "
                                f"{self.max_tiles.value}, {self.text_tokens.value} text tokens")
-        return (f"<div><div style='color:{_FG2}'>Token-budget dashboard (static copy; run the notebook for the live "
+        return (f"<div><div style='color:{FG2}'>Token-budget dashboard (static copy; run the notebook for the live "
                 f"controls): {settings}</div>{self.summary.value}"
                 f"<div style='display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start'>"
                 f"<div style='max-width:{_PICTURE_W}px'>{img(buf.getvalue(), 'image/jpeg')}{self.caption.value}</div>"
@@ -699,7 +700,7 @@ class VideoTokenDashboard(_BudgetDashboard):
         cells = [[label] + [f"{getattr(b, attr):,}" for _, b in cols] for label, attr in rows]
         cells += [[f"FLOPs {label}"] + [human_flops(getattr(b, attr)) for _, b in cols] for label, attr, _ in _PARTS]
         cells.append(["FLOPs total"] + [human_flops(b.total_flops) for _, b in cols])
-        return _table([""] + [c for c, _ in cols], cells)
+        return html_table([""] + [c for c, _ in cols], cells)
 
     def _chart_png(self) -> bytes:
         "Visual tokens against frames (log-log) without pooling and at this p; this setting and Table 2 marked."
@@ -720,7 +721,7 @@ class VideoTokenDashboard(_BudgetDashboard):
         ax.tick_params(labelsize=8); ax.grid(alpha=0.25); ax.legend(fontsize=8, frameon=False)
         ax.set_title("grey: NVILA-8B Video-MME settings (Table 2)", fontsize=8.5, color="#555")
         self._fig.subplots_adjust(left=0.14, right=0.97, top=0.9, bottom=0.16)
-        return _png(self._fig)
+        return png_bytes(self._fig)
 
     def __repr__(self) -> str:
         b = self._budget

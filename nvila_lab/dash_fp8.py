@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 from .config import ConfigError, did_you_mean, require
-from .dash import _FG1, _FG2, _close_tree, _png, _table
+from .dash import FG1, FG2, close_tree, png_bytes, html_table
 from .fp8 import speed
 from .fp8.speed import SHAPES, layer_shape
 
@@ -133,7 +133,7 @@ class FP8Dashboard(W.VBox):
         self._ax = self._fig.add_subplot()
         self.chart = W.Image(format="png", layout=W.Layout(max_width="540px", object_fit="contain"))
         heading = W.HTML("<b style='font-size:15px'>FP8 for one layer</b><br>"
-                         f"<span style='color:{_FG2}'>quantisation error, memory, speed</span>")
+                         f"<span style='color:{FG2}'>quantisation error, memory, speed</span>")
         left = W.VBox([heading, self.layer, self.k, self.n, self.batch, self.seq, self.m, self.recipe, self.device,
                        self.msg], layout=W.Layout(width="314px", min_width="314px", padding="4px 14px 4px 0"))
         right = W.VBox([self.summary, W.HBox([self.quant, self.mem], layout=W.Layout(flex_flow="row wrap", grid_gap="14px")),
@@ -187,7 +187,7 @@ class FP8Dashboard(W.VBox):
 
     def close(self) -> None:
         "Close the dashboard and every widget inside it."
-        _close_tree(self)
+        close_tree(self)
         super().close()
 
     # ---- updating ----
@@ -257,16 +257,16 @@ class FP8Dashboard(W.VBox):
 
     # ---- drawing ----
     def _summary_html(self) -> str:
-        big = f"font-size:22px;font-weight:600;color:{_FG1}"
+        big = f"font-size:22px;font-weight:600;color:{FG1}"
         s, r = self._speed, self._report
         expected = s["layer_step"] if s["layer_step"] is not None else s["linear_step"]
         what = "layer step" if s["layer_step"] is not None else "linear fwd+bwd"
-        return (f"<div style='padding:2px 0 8px 0;color:{_FG2}'>"
+        return (f"<div style='padding:2px 0 8px 0;color:{FG2}'>"
                 f"<span class='nvl-fp8-expected' style='{big}'>{expected:.2f}x</span> expected ({what}, "
                 f"{html.escape(speed.get_device(self.device.value).name)} roofline) &nbsp;\u00b7&nbsp; "
                 f"<span class='nvl-fp8-measured' style='{big}'>{_x(s['measured'])}</span> measured &nbsp;\u00b7&nbsp; "
                 f"<span class='nvl-fp8-sqnr' style='{big}'>{r['sqnr_out_db']:.1f} dB</span> output SQNR</div>"
-                f"<div style='color:{_FG2};font-size:12px'>{html.escape(self._status)}</div>")
+                f"<div style='color:{FG2};font-size:12px'>{html.escape(self._status)}</div>")
 
     def _quant_html(self) -> str:
         r = self._report
@@ -277,8 +277,8 @@ class FP8Dashboard(W.VBox):
         rows = [["output y", f"{r['sqnr_out_db']:.1f} dB"], ["input grad dx", f"{r['sqnr_dgrad_db']:.1f} dB"],
                 ["weight grad dW", f"{r['sqnr_wgrad_db']:.1f} dB"]]
         return (f"<b>Quantisation error</b> ({html.escape(r['linear_recipe'])} linear vs float32)"
-                + _table(["", "SQNR"], rows)
-                + f"<div style='color:{_FG2};font-size:12px;max-width:320px'>{html.escape(note)}"
+                + html_table(["", "SQNR"], rows)
+                + f"<div style='color:{FG2};font-size:12px;max-width:320px'>{html.escape(note)}"
                 + (f"; {html.escape(', '.join(pad))}" if pad else "") + "</div>")
 
     def _memory_html(self) -> str:
@@ -287,14 +287,14 @@ class FP8Dashboard(W.VBox):
         if self._memory["layer"]:
             rows += [[f"layer: {k}", _mib(a), _mib(b), f"{a / b:.2f}x" if b else "-"]
                      for k, (a, b) in self._memory["layer"].items()]
-        return "<b>Memory</b>" + _table(["", "bf16", rec, "bf16 / " + rec], rows, bold=2)
+        return "<b>Memory</b>" + html_table(["", "bf16", rec, "bf16 / " + rec], rows, bold=2)
 
     def _speed_html(self) -> str:
         s = self._speed
         rows = [["one GEMM (operands in FP8)", f"{s['gemm']:.2f}x"], ["linear fwd+bwd (with casts)", f"{s['linear_step']:.2f}x"]]
         if s["layer_step"] is not None:
             rows += [["decoder layer step", f"{s['layer_step']:.2f}x"], ["measured layer step (GPU)", _x(s["measured"])]]
-        return "<b>Speed-up over bf16</b> (expected: roofline)" + _table(["", "FP8"], rows)
+        return "<b>Speed-up over bf16</b> (expected: roofline)" + html_table(["", "FP8"], rows)
 
     def _chart_png(self) -> bytes:
         ax, shape, rec, dev = self._ax, self.shape, self.recipe.value, self.device.value
@@ -319,7 +319,7 @@ class FP8Dashboard(W.VBox):
         ax.set_ylabel(f"{rec} / bf16 speed")
         ax.legend(fontsize=7, loc="lower right")
         self._fig.tight_layout()
-        return _png(self._fig)
+        return png_bytes(self._fig)
 
 
 def build_fp8_dashboard(**kwargs) -> FP8Dashboard:
