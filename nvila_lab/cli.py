@@ -786,7 +786,7 @@ def _run_fp8(args, out, err) -> int:
             warnings.simplefilter("always")
             r = fp8_report(m, k, n, args.recipe, args.seed)
         for w in caught:
-            print(f"{prog}: note: {_one_line(w.message)} (the SQNR above does not depend on it)", file=err)
+            print(f"{prog}: note: {_one_line(w.message)} (the SQNR figures do not depend on it)", file=err)
     except ValueError as e:  # an unknown recipe, a shape too big, or one the FP8 GEMM refuses
         raise UsageError(prog, _one_line(e)) from None
     if args.json:

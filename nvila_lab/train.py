@@ -130,7 +130,7 @@ def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 # %% ../nbs/10_train.ipynb #b1661ca8
-PRECISIONS = ("fp32", "bf16", "fp8", "fp8-coat")
+PRECISIONS = ("fp32", "bf16", "fp8", "fp8-coat", "fp8-coat-sr")
 
 
 @dataclass
@@ -148,11 +148,13 @@ class TrainConfig:
     tiling: str | None = None  # encode training images with this tiling mode ('resize': one tile) instead of the model's
     stop_after: int | None = None  # stop (saving the state) after this step, as an interruption would; resume continues
     precision: str = "fp32"  # 'fp32' | 'bf16' (autocast, fp32 master weights) | 'fp8' (+ FP8 LLM linears) | 'fp8-coat'
+    # | 'fp8-coat-sr' (fp8-coat with stochastic rounding of the FP8 AdamW states: notebook 22)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(did_you_mean("precision", self.precision, PRECISIONS,
-                                          "fp8-coat = FP8 linears + FP8 AdamW states + FP8 activations (COAT)."))
+                                          "fp8-coat = FP8 linears + FP8 AdamW states + FP8 activations (COAT); fp8-coat-sr rounds "
+                                          "the FP8 states stochastically."))
 
 
 @dataclass
@@ -257,7 +259,7 @@ def train(model: NVILAModel, data, tc: TrainConfig | None = None, resume: str | 
     `callback(step, history, model)` runs after every log step (e.g. a held-out evaluation; return a dict to log it).
     Under `accelerate launch` every process runs this same call; the result equals a one-process run. A given
     `accelerator` must be built like `make_accelerator()` (DDP with `find_unused_parameters=True`).
-    `tc.precision` other than 'fp32' runs the forward under bf16 autocast (fp32 master weights); 'fp8'/'fp8-coat'
+    `tc.precision` other than 'fp32' runs the forward under bf16 autocast (fp32 master weights); 'fp8'/'fp8-coat'/'fp8-coat-sr'
     convert the LLM's linears (and, for COAT, its saved activations) for the run only: `model` comes back plain.
     Under those precisions a NaN/inf loss or gradient stops the run with a `FloatingPointError` naming the step."""
     tc = tc or TrainConfig()
@@ -408,7 +410,7 @@ def convert_for_precision(model: NVILAModel, precision: str, device: torch.devic
         raise ValueError(f"precision {precision!r}: no linear layer of the model matched nvila_lab.fp8.linear's default "
                          "filter (the LLM's q/k/v/o/gate/up/down projections), so nothing would run in FP8; train in "
                          "'bf16' instead")
-    if precision == "fp8-coat":
+    if precision.startswith("fp8-coat"):
         from nvila_lab.fp8.activations import convert_activations_to_fp8
         try:
             out["activations"] = convert_activations_to_fp8(model, group=16)
@@ -428,7 +430,7 @@ def restore_precision(model: NVILAModel, precision: str) -> None:
     if not precision.startswith("fp8"):
         return
     from nvila_lab.fp8.linear import convert_from_fp8
-    if precision == "fp8-coat":
+    if precision.startswith("fp8-coat"):
         from nvila_lab.fp8.activations import convert_activations_from_fp8
         convert_activations_from_fp8(model)
     convert_from_fp8(model)
@@ -436,7 +438,8 @@ def restore_precision(model: NVILAModel, precision: str) -> None:
 
 def make_optimizer(groups: list[dict], precision: str = "fp32") -> torch.optim.Optimizer:
     "NVILA's AdamW without weight decay; for 'fp8-coat' COAT's `FP8AdamW` (both moments in E4M3, per-group-128 scales)."
-    if precision == "fp8-coat":
+    if precision.startswith("fp8-coat"):
         from nvila_lab.fp8.optim import FP8AdamW
-        return FP8AdamW(groups, weight_decay=0.0)
+        rounding = "stochastic" if precision == "fp8-coat-sr" else "nearest"  # COAT's kernels round to nearest
+        return FP8AdamW(groups, weight_decay=0.0, rounding=rounding)
     return torch.optim.AdamW(groups, weight_decay=0.0)

@@ -243,10 +243,12 @@ def _opt_file(folder):
     return load_file(str(folder / "optimizer.safetensors")), json.loads((folder / "state.json").read_text())
 
 
-def test_fp8_coat_resume_after_real_steps_equals_a_straight_run(tok, tmp_path, stop=3):
-    "fp8-coat: K steps, stop, resume (into other weights) to N == N straight, bitwise: weights, FP8 AdamW states, losses."
+@pytest.mark.parametrize("precision", ["fp8-coat", "fp8-coat-sr"])
+def test_fp8_coat_resume_after_real_steps_equals_a_straight_run(tok, tmp_path, precision, stop=3):
+    """fp8-coat (and its stochastically rounded variant, whose random numbers come from the seed and the step): K
+    steps, stop, resume (into other weights) to N == N straight, bitwise: weights, FP8 AdamW states, losses."""
     data = _small(("colour", "position", "read_code"), n=3)
-    tc = dict(steps=4, save_every=2, precision="fp8-coat")
+    tc = dict(steps=4, save_every=2, precision=precision)
     torch.manual_seed(0)
     straight = NVILAModel("tiny", tok)
     h = train(straight, data, _tc(**tc, out_dir=str(tmp_path / "a")), progress=False)
@@ -254,7 +256,7 @@ def test_fp8_coat_resume_after_real_steps_equals_a_straight_run(tok, tmp_path, s
     first = NVILAModel("tiny", tok)
     train(first, data, _tc(**tc, out_dir=str(tmp_path / "b"), stop_after=stop), progress=False)
     _, st = _opt_file(tmp_path / "b" / "train_state")
-    assert st["step"] == stop and st["train_config"]["precision"] == "fp8-coat"
+    assert st["step"] == stop and st["train_config"]["precision"] == precision
     torch.manual_seed(99)
     resumed = NVILAModel("tiny", tok)
     h2 = train(resumed, data, _tc(**tc, out_dir=str(tmp_path / "b")), resume=tmp_path / "b" / "train_state",
@@ -282,6 +284,10 @@ def test_fp8_coat_uses_fp8_adamw_and_resume_checks_the_precision(tok, tmp_path):
     from nvila_lab.fp8.optim import FP8AdamW
     from nvila_lab.train import make_optimizer
     assert isinstance(make_optimizer([{"params": [nn.Parameter(torch.zeros(4))]}], "fp8-coat"), FP8AdamW)
+    assert make_optimizer([{"params": [nn.Parameter(torch.zeros(4))]}], "fp8-coat").param_groups[0]["rounding"] \
+        == "nearest"  # COAT's kernels
+    assert make_optimizer([{"params": [nn.Parameter(torch.zeros(4))]}], "fp8-coat-sr").param_groups[0]["rounding"] \
+        == "stochastic"
     assert type(make_optimizer([{"params": [nn.Parameter(torch.zeros(4))]}], "fp8")) is torch.optim.AdamW
     m = NVILAModel("tiny", tok)
     train(m, _small(), _tc(precision="fp8-coat", steps=2, stop_after=1, out_dir=str(tmp_path)), progress=False)

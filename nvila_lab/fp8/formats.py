@@ -169,7 +169,7 @@ def quantize(x: torch.Tensor, fmt: str | FP8Format = "e4m3", granularity: str = 
     if check_finite and x.numel() and not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).sum().item()
         raise NonFiniteError(f"{name} has {bad} NaN/inf value(s) of {x.numel()}: FP8 cannot scale it; "
-                             f"lower the learning rate or skip this step")
+                             f"lower the learning rate or check the data, then resume from the last saved state")
     s = scale_for(amax(x, granularity, group), fmt, margin) if scale is None else torch.as_tensor(scale).float()
     xs = x.float()
     xs = (xs.unflatten(-1, (xs.shape[-1] // group, group)) * s.unsqueeze(-1)).flatten(-2) if granularity == "group" \

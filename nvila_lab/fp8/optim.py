@@ -15,11 +15,13 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from ..config import did_you_mean
 from .formats import E4M3, NonFiniteError, quantize
 
 # %% auto #0
-__all__ = ['GROUP', 'R_E4M3', 'K_STEPS', 'K16_MIN', 'K16_MAX', 'BUCKET', 'expansion_k16', 'bf16_down', 'CompressedState',
-           'compress_state', 'FP8AdamW', 'adamw_state_bytes', 'optimizer_state_bytes']
+__all__ = ['GROUP', 'R_E4M3', 'K_STEPS', 'K16_MIN', 'K16_MAX', 'ROUNDINGS', 'BUCKET', 'expansion_k16', 'bf16_down',
+           'CompressedState', 'stochastic_e4m3', 'compress_state', 'FP8AdamW', 'adamw_state_bytes',
+           'optimizer_state_bytes']
 
 # %% ../../nbs/22_fp8_optim.ipynb #2b4109e2
 GROUP = 128  # COAT's qgroup_size (its CUDA kernel supports only 128)
@@ -80,9 +82,25 @@ class CompressedState:
                 f"{'signed' if self.signed else 'non-negative'}, {self.nbytes} bytes)")
 
 
+ROUNDINGS = ("nearest", "stochastic")
+
+
+def stochastic_e4m3(ys: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Round already-scaled values to E4M3 *stochastically*: up with probability (ys - lo) / step, so the rounding
+    is unbiased, E[q] = ys (clamped to ±448). Returns float32 values that cast to E4M3 exactly."""
+    step = E4M3.spacing(ys)  # the spacing of the binade ys lies in (constant in the subnormals)
+    lo = torch.floor(ys / step) * step  # the representable value at or below ys
+    u = torch.rand(ys.shape, generator=generator, device=ys.device)
+    return (lo + (u < (ys - lo) / step) * step).clamp(-E4M3.max, E4M3.max)
+
+
 def compress_state(x: torch.Tensor, group: int = GROUP, expand: bool = True, signed: bool = True,
-                   name: str = "state", check: bool = True) -> CompressedState:
-    "COAT's per-group E4M3 with dynamic range expansion (or plain per-group E4M3 with `expand=False`)."
+                   name: str = "state", check: bool = True, rounding: str = "nearest",
+                   generator: torch.Generator | None = None) -> CompressedState:
+    """COAT's per-group E4M3 with dynamic range expansion (or plain per-group E4M3 with `expand=False`).
+    `rounding="nearest"` is COAT's (round to nearest even); "stochastic" rounds without bias (see below)."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(did_you_mean("rounding", rounding, ROUNDINGS))
     shape = tuple(x.shape)
     xg = F.pad(x.detach().float().flatten(), (0, (-x.numel()) % group)).view(-1, group)  # [G, group]
     if check and not signed and bool((xg < 0).any()):
@@ -105,6 +123,8 @@ def compress_state(x: torch.Tensor, group: int = GROUP, expand: bool = True, sig
         centre = torch.ones_like(amax, dtype=torch.bfloat16)
         y, top = xg, amax1
     scale = bf16_down(E4M3.max / top)  # [G]; rounded down, so the top lands at or under 448
+    if rounding == "stochastic":  # round the scaled values here; the cast below then only stores them
+        y = stochastic_e4m3(y * scale.float()[:, None], generator) / scale.float()[:, None]
     q = quantize(y.flatten(), E4M3, "group", group, scale=scale.float(), check_finite=check, name=name)
     return CompressedState(q.data, scale, k16, centre, shape, signed, expand)
 
@@ -123,19 +143,23 @@ def _unpack(st: dict, key: str, shape: tuple, signed: bool, expand: bool) -> Com
 
 
 class FP8AdamW(torch.optim.Optimizer):
-    "AdamW with both moments in E4M3, per group of 128 values, with COAT's dynamic range expansion."
+    """AdamW with both moments in E4M3, per group of 128 values, with COAT's dynamic range expansion. `rounding`:
+    "nearest" (COAT's kernels) or "stochastic" (unbiased, so that beta2 = 0.999's small updates are not rounded
+    away; seeded by `seed`, the step and the parameter's place, hence reproducible and resumable)."""
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, group: int = GROUP, expand: bool = True, *,
-                 quantize: bool = True):
+                 quantize: bool = True, rounding: str = "nearest", seed: int = 0):
         for ok, msg in ((lr >= 0, f"lr must be >= 0, got {lr}"), (eps >= 0, f"eps must be >= 0, got {eps}"),
                         (0 <= betas[0] < 1 and 0 <= betas[1] < 1, f"betas must lie in [0, 1), got {betas}"),
                         (weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}"),
-                        (isinstance(group, int) and group > 0, f"group must be a positive int, got {group!r}")):
+                        (isinstance(group, int) and group > 0, f"group must be a positive int, got {group!r}"),
+                        (rounding in ROUNDINGS, did_you_mean("rounding", rounding, ROUNDINGS))):
             if not ok:
                 raise ValueError(f"FP8AdamW: {msg}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, group=group,
-                                      expand=bool(expand), quantize=bool(quantize)))
+                                      expand=bool(expand), quantize=bool(quantize), rounding=rounding,
+                                      seed=int(seed)))
 
     def _check_grads(self) -> None:
         "Refuse sparse or non-finite gradients before any parameter or state changes (one device sync a step)."
@@ -170,17 +194,29 @@ class FP8AdamW(torch.optim.Optimizer):
         denom = (v.sqrt() / bias_correction2 ** 0.5).add_(eps)
         p.addcdiv_(m, denom, value=-(lr / bias_correction1))
 
+    def _generator(self, g: dict, ps: list) -> torch.Generator | None:
+        """Stochastic rounding's random numbers: seeded from (seed, step, the bucket's first parameter's place), so a
+        resumed run draws the very same ones without saving any generator state."""
+        if g["rounding"] != "stochastic":
+            return None
+        first = next(i for i, p in enumerate(g["params"]) if p is ps[0])
+        step = self.state[ps[0]]["step"]
+        return torch.Generator(device=ps[0].device).manual_seed(g["seed"] * 1_000_003 + step * 7919 + first)
+
     def _fp8_bucket(self, g: dict, ps: list) -> None:
         "Update parameters of one dtype, device and step count together: their padded groups side by side."
         size, expand, dtype = g["group"], g["expand"], ps[0].dtype
+        gen, rounding = self._generator(g, ps), g["rounding"]
         if len(ps) == 1:  # a big tensor on its own: update it in place, no flat copies of weight and gradient
             p, st = ps[0], self.state[ps[0]]
             m = _unpack(st, "exp_avg", tuple(p.shape), True, expand).decompress(dtype)
             v = _unpack(st, "exp_avg_sq", tuple(p.shape), False, expand).decompress(dtype)
             st["step"] += 1
             self._adamw_(p, m, v, p.grad, st["step"], g)
-            st.update(_pack("exp_avg", compress_state(m, size, expand, True, check=False)))
-            st.update(_pack("exp_avg_sq", compress_state(v, size, expand, False, check=False)))
+            st.update(_pack("exp_avg", compress_state(m, size, expand, True, check=False, rounding=rounding,
+                                                      generator=gen)))
+            st.update(_pack("exp_avg_sq", compress_state(v, size, expand, False, check=False, rounding=rounding,
+                                                         generator=gen)))
             return
         pads = [(-p.numel()) % size for p in ps]
         counts = [(p.numel() + pad) // size for p, pad in zip(ps, pads)]  # groups per parameter
@@ -197,7 +233,7 @@ class FP8AdamW(torch.optim.Optimizer):
             p.copy_(chunk[:p.numel()].view_as(p))
             self.state[p]["step"] = step
         for key, x, signed in (("exp_avg", m, True), ("exp_avg_sq", v, False)):
-            cs = compress_state(x, size, expand, signed, check=False)
+            cs = compress_state(x, size, expand, signed, check=False, rounding=rounding, generator=gen)
             parts = zip(cs.data.split([c * size for c in counts]), cs.scale.split(counts), cs.k16.split(counts),
                         cs.centre.split(counts))
             for p, (data, scale, k16, centre) in zip(ps, parts):  # clones: each state owns its storage
