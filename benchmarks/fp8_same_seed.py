@@ -1,7 +1,8 @@
 """Same seed, three precisions: does the tiny NVILA learn as well in FP8 as in bf16? (issue 12, "same accuracy")
 
 The tiny model (pretrained tiny tower, notebook 09a) is trained from the same seed, on the same rows in the same
-order, in `bf16`, `fp8` (FP8 linears in the LLM) and `fp8-coat` (+ FP8 AdamW states and FP8 activations), on the
+order, in `bf16`, `fp8` (FP8 linears in the LLM), `fp8-coat` (+ FP8 AdamW states and FP8 activations) and
+`fp8-coat-sr` (the same, the FP8 states rounded stochastically; added to the saved run with `--add`), on the
 kit's synthetic image tasks at 64x64 (one tile each, 16 visual tokens: the config's tiling is `resize`, for training
 and evaluation alike). Each run is scored on the same held-out questions (a seed never trained on), next to chance
 and to the untrained model. The comparison can fail (see `check`): every FP8 run must have learned (its mean
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PRECISIONS = ("bf16", "fp8", "fp8-coat")
+PRECISIONS = ("bf16", "fp8", "fp8-coat", "fp8-coat-sr")  # fp8-coat-sr added later with --add
 TASKS = ("colour", "position")
 FULL = dict(steps=800, batch_size=8, n_eval=50, log_every=10)  # ~10 minutes on a quiet 2-core CPU (see EARLIER)
 QUICK = dict(steps=20, batch_size=4, n_eval=10, log_every=5)
@@ -137,7 +138,8 @@ def plot(res: dict, path: str | Path | None = None):
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
-    styles = {"bf16": ("-", 2.5), "fp8": ("--", 1.5), "fp8-coat": (":", 2.0), "fp32": ("-", 1.0)}
+    styles = {"bf16": ("-", 2.5), "fp8": ("--", 1.5), "fp8-coat": (":", 2.0), "fp8-coat-sr": ("-.", 2.0),
+              "fp32": ("-", 1.0)}
     runs = dict(res["runs"])
     if "reference" in res:  # the same seed in fp32: the noise floor of a one-seed comparison
         runs["fp32"] = res["reference"]["fp32"]
@@ -170,11 +172,31 @@ def plot(res: dict, path: str | Path | None = None):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a smoke run (20 steps); writes nothing")
+    ap.add_argument("--add", metavar="PRECISION", default=None,
+                    help="add one more precision (e.g. fp8-coat-sr) to the saved full run, same seed and rows, and "
+                         "check it against the same bounds")
     ap.add_argument("--reference", action="store_true",
                     help="add to the saved full run the same seed in fp32: how far a run moves from bf16 when only "
                          "the rounding changes (the noise floor of a one-seed comparison)")
     args = ap.parse_args(argv)
     import torch
+    if args.add:
+        path = RESULTS / "fp8_same_seed_cpu.json"
+        res = json.loads(path.read_text())
+        t0 = time.perf_counter()
+        run = compare(precisions=(args.add,), **FULL)["runs"][args.add]
+        b16 = res["runs"]["bf16"]
+        res["runs"][args.add] = run
+        res["gaps"][args.add] = {t: run["accuracy"][t] - b16["accuracy"][t] for t in run["accuracy"]}
+        res["settings"]["precisions"] = list(res["runs"])
+        res["seconds_total"] = round(res["seconds_total"] + time.perf_counter() - t0, 1)
+        res["failures"] = check(res)
+        path.write_text(json.dumps(res, indent=1))
+        plot(res, RESULTS / "fp8_same_seed_cpu.png")
+        print(args.add, json.dumps(run["accuracy"]), f"final loss {final_loss(run):.4f}")
+        for f in res["failures"]:
+            print("FAIL:", f)
+        return 0
     if args.reference:
         path = RESULTS / "fp8_same_seed_cpu.json"
         res = json.loads(path.read_text())
