@@ -136,12 +136,58 @@ def test_benchmark_cpu_smoke(tmp_path, capsys):
         assert r["ms"] > 0 and r["output_finite"], r
         if col != "bf16":
             assert r["sqnr_vs_bf16_db"] > 20, r  # the FP8 layer's output is the bf16 layer's, to FP8 precision
+            # the update (output minus the exact residual) carries the FP8 error undiluted: lower, still FP8-sized
+            assert 15 < r["sqnr_update_vs_bf16_db"] < r["sqnr_vs_bf16_db"] - 5, r
             assert r["expected_speedup_h200"] > 0
     assert speed.load_gpu_results(tmp_path) == []  # a smoke run never counts as a GPU measurement
     g = {r["proj"]: r for r in saved["gemms"]}
     assert set(g) == {"q_proj", "k_proj", "gate_proj", "down_proj"}  # distinct (K, N) of the tiny layer
     assert all(r["sqnr_fp8_vs_bf16_db"] > 20 for r in g.values())  # _scaled_mm path, column-major operand
     assert res["steps"] == saved["steps"]
+    assert saved["complete"] is True
+
+
+def test_benchmark_survives_a_failing_column(tmp_path, monkeypatch, capsys):
+    """What a GPU may do: a kernel rejects the rowwise backward's operands (here a fake fp8_mm refuses row-scaled E5M2),
+    and a conversion raises. Those rows record the error; the others, the GEMM rows and the JSON are all there."""
+    pytest.importorskip("transformers")
+    linear = pytest.importorskip("nvila_lab.fp8.linear")
+    real = linear.fp8_mm
+
+    def picky(a, b, a_scale, b_scale, *args, **kw):
+        if a.dtype == torch.float8_e5m2 and a_scale.dim():
+            raise RuntimeError("fake kernel: row-wise E5M2 x E4M3 not supported")
+        return real(a, b, a_scale, b_scale, *args, **kw)
+
+    import torch
+    monkeypatch.setattr(linear, "fp8_mm", picky)
+    bench = _load_script()
+    real_make = bench.make_column
+
+    def make(column, layer, device):
+        if column == "kit-coat":
+            raise TypeError("fake API change")
+        return real_make(column, layer, device)
+
+    monkeypatch.setattr(bench, "make_column", make)
+    bench.main(["--cpu-smoke", "--out", str(tmp_path), "--steps", "1", "--columns", "bf16,kit-tensorwise,kit-rowwise,kit-coat"])
+    saved = json.loads((tmp_path / "fp8_step_cpu_smoke.json").read_text())
+    rows = {r["column"]: r for r in saved["steps"]}
+    assert saved["complete"] is True and rows["bf16"]["ms"] > 0 and rows["kit-tensorwise"]["ms"] > 0
+    assert rows["kit-rowwise"]["ms"] is None and "fake kernel" in rows["kit-rowwise"]["note"]
+    assert rows["kit-rowwise"]["sqnr_vs_bf16_db"] > 20  # its forward (E4M3 x E4M3) still ran
+    assert rows["kit-coat"]["ms"] is None and rows["kit-coat"]["note"].startswith("failed to build: TypeError")
+    assert len(saved["gemms"]) == 4 and all("ratio" in g for g in saved["gemms"])
+
+
+def test_benchmark_time_budget(tmp_path):
+    pytest.importorskip("transformers")
+    bench = _load_script()
+    bench.main(["--cpu-smoke", "--out", str(tmp_path), "--max-seconds", "0", "--columns", "bf16"])
+    saved = json.loads((tmp_path / "fp8_step_cpu_smoke.json").read_text())
+    assert saved["complete"] is True and saved["settings"]["max_seconds"] == 0
+    assert [r["ms"] for r in saved["steps"]] == [None] and "past --max-seconds" in saved["steps"][0]["note"]
+    assert all(g["note"].startswith("skipped: past --max-seconds") for g in saved["gemms"])
 
 
 def test_benchmark_runs_without_torchao(tmp_path):
