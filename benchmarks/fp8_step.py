@@ -194,7 +194,7 @@ def make_column(column: str, layer: nn.Module, device: torch.device) -> tuple[Ma
             from nvila_lab.fp8.optim import FP8AdamW
             acts = convert_activations_to_fp8(layer, group=16)
             note += f"; {len(acts)} activation module(s) FP8 (group 16): {', '.join(acts) or 'none matched'}; FP8AdamW"
-            return MasterWeights(layer.parameters(), lambda ps: FP8AdamW(ps, lr=0.0)), note
+            return MasterWeights(layer.parameters(), lambda ps: FP8AdamW(ps, lr=0.0, check_finite=False)), note
     elif column == speed.TORCHAO_COLUMN:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
         cfg = Float8LinearConfig.from_recipe_name("tensorwise")

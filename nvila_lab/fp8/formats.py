@@ -176,8 +176,9 @@ def quantize(x: torch.Tensor, fmt: str | FP8Format = "e4m3", granularity: str = 
         else xs * s
     # saturated: would round past max without the clamp (values a hair above max, from float rounding of x * s, round
     # to max anyway and are not counted)
-    over = xs.abs() > fmt.max + fmt.spacing(fmt.max).item() / 2
-    n_sat = int(over.sum()) if check_finite else 0  # counting needs a device sync; fast paths skip it
+    n_sat = 0  # counting needs a device sync (and a pass over the tensor): fast paths skip it
+    if check_finite:
+        n_sat = int((xs.abs() > fmt.max + fmt.spacing(fmt.max).item() / 2).sum())
     data = xs.clamp(-fmt.max, fmt.max).to(fmt.dtype)
     return FP8Tensor(data, s, fmt, granularity, group, n_sat, x.dtype)
 

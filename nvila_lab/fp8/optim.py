@@ -149,7 +149,7 @@ class FP8AdamW(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, group: int = GROUP, expand: bool = True, *,
-                 quantize: bool = True, rounding: str = "nearest", seed: int = 0):
+                 quantize: bool = True, rounding: str = "nearest", seed: int = 0, check_finite: bool = True):
         for ok, msg in ((lr >= 0, f"lr must be >= 0, got {lr}"), (eps >= 0, f"eps must be >= 0, got {eps}"),
                         (0 <= betas[0] < 1 and 0 <= betas[1] < 1, f"betas must lie in [0, 1), got {betas}"),
                         (weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}"),
@@ -160,6 +160,7 @@ class FP8AdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, group=group,
                                       expand=bool(expand), quantize=bool(quantize), rounding=rounding,
                                       seed=int(seed)))
+        self.check_finite = check_finite  # False: no NaN/inf check (it reads one flag back from the GPU each step)
 
     def _check_grads(self) -> None:
         "Refuse sparse or non-finite gradients before any parameter or state changes (one device sync a step)."
@@ -247,7 +248,8 @@ class FP8AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_grads()
+        if self.check_finite:
+            self._check_grads()
         for g in self.param_groups:
             ps = [p for p in g["params"] if p.grad is not None]
             for p in ps:
