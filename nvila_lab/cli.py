@@ -20,7 +20,7 @@ from .config import MissingExtra, get_config, list_presets, llm_params, parse_se
 
 # %% auto #0
 __all__ = ['FP8_RECIPES', 'COMMANDS', 'UsageError', 'import_plugin', 'configure', 'budget_table', 'preset_summary', 'task_table',
-           'fp8_report', 'fp8_block', 'build_parser', 'main']
+           'fp8_report', 'fp8_block', 'prune_table', 'build_parser', 'main']
 
 # %% ../nbs/80_cli.ipynb #0e9c41b1
 class UsageError(Exception):
@@ -795,6 +795,69 @@ def _run_fp8(args, out, err) -> int:
         print(fp8_block(r, args.shape), file=out)
     return 0
 
+# %% ../nbs/80_cli.ipynb #f7bbcfd7
+def _add_prune(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "prune", help="keep a fraction of a dataset by DeltaLoss (or the random / k-means baselines)",
+        description="Keep ceil(RHO n) examples of each source subset of the dataset in --data and write them to "
+                    "--out as a dataset folder (data.jsonl, images, meta.json, prune.json; scores.parquet for "
+                    "deltaloss). deltaloss ranks by log p_large(answer) - log p_small(answer); random and cluster "
+                    "are the baselines with the same per-subset counts.",
+        epilog="examples: nvila-lab prune --large data_samples/checkpoints/nano-nvila "
+               "--small data_samples/checkpoints/nano-nvila-small --data data/mix --keep 0.5 --out data/mix-dl\n"
+               "          nvila-lab prune --data data/mix --keep 0.5 --method random --seed 1 --out data/mix-r1 --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--large", metavar="DIR", default=None, help="the large reference checkpoint (deltaloss, cluster)")
+    p.add_argument("--small", metavar="DIR", default=None, help="the small reference checkpoint (deltaloss)")
+    p.add_argument("--data", metavar="DIR", required=True, help="a dataset folder written by `nvila-lab make-data`")
+    p.add_argument("--keep", metavar="RHO", type=float, required=True,
+                   help="fraction of each subset to keep, in (0, 1], e.g. 0.5")
+    p.add_argument("--method", metavar="METHOD", default="deltaloss",
+                   help="deltaloss (default), random or cluster")
+    p.add_argument("--score", metavar="HOW", default="sum", help="deltaloss over the answer tokens: sum (default) or mean")
+    p.add_argument("--seed", type=_non_negative_int, metavar="S", default=0, help="seed of random and cluster (default 0)")
+    p.add_argument("--out", metavar="DIR", required=True, help="a new or empty folder for the kept dataset")
+    p.add_argument("--batch-size", type=_positive_int, metavar="N", default=16, help="examples per batch (default 16)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (counts per subset and kind) instead of the table")
+    return p
+
+
+def prune_table(counts: dict) -> str:
+    "Kept / total per subset and per kind, as `nvila-lab prune` prints them."
+    lines = []
+    for group in ("subsets", "kinds"):
+        lines.append(f"{group[:-1]:<14} {'kept':>6} {'total':>6}")
+        lines += [f"{name:<14} {c['kept']:>6} {c['total']:>6}" for name, c in counts[group].items()]
+        lines.append("")
+    return "\n".join(lines + [f"{'all':<14} {counts['kept']:>6} {counts['total']:>6}"])
+
+
+def _run_prune(args, out, err) -> int:
+    prog = "nvila-lab prune"
+    from nvila_lab.prune.select import METHODS, prune
+    from nvila_lab.config import did_you_mean
+    if args.method not in METHODS:
+        raise UsageError(prog, did_you_mean("method", args.method, METHODS))
+    need = {"deltaloss": ("--large", "--small"), "cluster": ("--large",), "random": ()}[args.method]
+    missing = [f for f in need if getattr(args, f[2:]) is None]
+    if missing:
+        raise UsageError(prog, f"--method {args.method} needs {' and '.join(missing)} (checkpoint folders)"
+                               + ("; --method random needs no model" if args.method != "random" else ""))
+    large = _checkpoint_dir(prog, args.large) if "--large" in need else None
+    small = _checkpoint_dir(prog, args.small) if "--small" in need else None
+    _data_rows(prog, args.data)  # a missing or broken dataset is one line here
+    try:
+        res = prune(large, small, args.data, args.keep, method=args.method, score=args.score, seed=args.seed,
+                    out=args.out, progress=_is_tty(err), batch_size=args.batch_size)
+    except (ValueError, OSError) as e:  # PruneError, DatasetError, CheckpointError: one line each
+        raise UsageError(prog, _one_line(e)) from None
+    if args.json:
+        print(json.dumps({"out": str(res.out), **res.to_dict()}, indent=2), file=out)
+    else:
+        print(f"{res!r}", file=out)
+        print(prune_table(res.counts), file=out)
+    return 0
+
 # %% ../nbs/80_cli.ipynb #890cac6d
 # Each command: name -> (add its subparser, run it).
 COMMANDS = {
@@ -805,6 +868,7 @@ COMMANDS = {
     "eval": (_add_eval, _run_eval),
     "train": (_add_train, _run_train),
     "fp8": (_add_fp8, _run_fp8),
+    "prune": (_add_prune, _run_prune),
 }
 
 
