@@ -271,7 +271,8 @@ def _add_make_data(sub) -> argparse.ArgumentParser:
         epilog="examples:  nvila-lab make-data --list\n"
                "           nvila-lab make-data --n 500 --seed 1 --out data/eval\n"
                "           nvila-lab make-data --task count --task colour --n 100 --seed 2 --out data/small\n"
-               "           nvila-lab make-data --task flash --task order --task direction --n 50 --out data/video",
+               "           nvila-lab make-data --task flash --task order --task direction --n 50 --out data/video\n"
+               "           nvila-lab make-data --mix easy=0.3,informative=0.4,mislabelled=0.2,distracting=0.1 --n 50 --out data/mixed",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", action="append", dest="tasks", metavar="NAME",
                    help="a task to include; repeat for several (default: read_code, count, colour, position)")
@@ -281,6 +282,9 @@ def _add_make_data(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output folder: new or empty, unless --overwrite")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the dataset in DIR (only files an earlier make-data wrote are deleted)")
+    p.add_argument("--mix", metavar="KIND=F,...",
+                   help="example kinds per task for pruning studies, fractions summing to 1, e.g. "
+                        "easy=0.3,informative=0.4,mislabelled=0.2,distracting=0.1 (default: each task's own kind)")
     p.add_argument("--list", action="store_true", help="list the image and video tasks (answers, chance, what they need) and exit")
     return p
 
@@ -304,7 +308,7 @@ def _run_make_data(args, out, err) -> int:
     prog = "nvila-lab make-data"
     if args.list:
         given = [f for f, v in (("--task", args.tasks), ("--n", args.n), ("--out", args.out),
-                                ("--overwrite", args.overwrite)) if v]
+                                ("--overwrite", args.overwrite), ("--mix", args.mix)) if v]
         if given:
             raise UsageError(prog, f"--list takes no other options (got {', '.join(given)}); run it on its own")
         print(task_table(), file=out)
@@ -314,7 +318,7 @@ def _run_make_data(args, out, err) -> int:
     if missing:
         raise UsageError(prog, f"give {' and '.join(missing)}, or --list to see the tasks")
     from pathlib import Path
-    from nvila_lab.data import DEFAULT_TASKS, TASKS, DatasetError, get_task, make_dataset
+    from nvila_lab.data import DEFAULT_TASKS, TASKS, DatasetError, get_task, make_dataset, parse_mix
     from nvila_lab.video_data import VIDEO_TASKS, make_video_dataset
     try:
         tasks = [t if t in VIDEO_TASKS else get_task(t).name for t in args.tasks] if args.tasks else list(DEFAULT_TASKS)
@@ -328,6 +332,14 @@ def _run_make_data(args, out, err) -> int:
     if len(set(tasks)) != len(tasks):
         dup = sorted({t for t in tasks if tasks.count(t) > 1})
         raise UsageError(prog, f"--task {dup[0]} is given more than once; name each task once")
+    mix = None
+    if args.mix is not None:
+        if videos:
+            raise UsageError(prog, "--mix applies to the image tasks only; leave it out for video tasks")
+        try:
+            mix = parse_mix(args.mix)
+        except DatasetError as e:
+            raise UsageError(prog, f"--mix: {_one_line(e)}") from None
     folder = Path(args.out)
     if folder.is_dir() and any(folder.iterdir()) and not args.overwrite:
         raise UsageError(prog, f"{folder} is not empty; choose a new or empty folder, or add --overwrite to replace "
@@ -336,11 +348,12 @@ def _run_make_data(args, out, err) -> int:
         if videos:
             make_video_dataset(folder, tasks, n=args.n, seed=args.seed, overwrite=args.overwrite, progress=_is_tty(err))
         else:
-            make_dataset(tasks, n=args.n, seed=args.seed, out_dir=folder, progress=_is_tty(err), overwrite=args.overwrite)
+            make_dataset(tasks, n=args.n, seed=args.seed, out_dir=folder, progress=_is_tty(err), overwrite=args.overwrite,
+                         mix=mix)
     except (DatasetError, OSError) as e:  # e.g. --out is a file, or a folder we may not write to
         raise UsageError(prog, _one_line(e)) from None
     print(f"wrote {args.n * len(tasks)} {'videos' if videos else 'examples'} ({args.n} per task x {len(tasks)} tasks: {', '.join(tasks)}; "
-          f"seed {args.seed}) to {folder}", file=out)
+          f"seed {args.seed}{'; mix ' + ','.join(f'{k}={v:g}' for k, v in mix.items()) if mix else ''}) to {folder}", file=out)
     return 0
 
 # %% ../nbs/80_cli.ipynb #aee8443d

@@ -26,15 +26,21 @@ if TYPE_CHECKING:  # transformers is imported lazily, only by the tokenizer func
     from transformers import PreTrainedTokenizerFast
 
 # %% auto #0
-__all__ = ['IMAGE_SIZE', 'TASKS', 'DEFAULT_TASKS', 'CODE_QUESTIONS', 'COUNT_QUESTIONS', 'COLOURS', 'COLOUR_QUESTIONS',
+__all__ = ['IMAGE_SIZE', 'KINDS', 'TASKS', 'DEFAULT_TASKS', 'CODE_QUESTIONS', 'COUNT_QUESTIONS', 'COLOURS', 'COLOUR_QUESTIONS',
            'POSITIONS', 'POSITION_QUESTIONS', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'DatasetError', 'Task',
-           'register_task', 'get_task', 'draw_page', 'pick', 'make_read_code', 'make_count', 'draw_shape', 'jitter',
-           'make_colour', 'make_position', 'sample_rng', 'sample_id', 'make_sample', 'write_dataset', 'make_dataset',
-           'data_samples_dir', 'load_dataset', 'row_media', 'VQAFolder', 'SyntheticVQA', 'chat_messages',
-           'tokenizer_corpus', 'build_tokenizer', 'load_tokenizer']
+           'register_task', 'register_kind', 'get_task', 'draw_page', 'pick', 'make_read_code', 'draw_code_box',
+           'make_count', 'draw_shape', 'jitter', 'make_colour', 'make_position', 'sample_rng', 'sample_id',
+           'make_sample', 'write_dataset', 'make_dataset', 'data_samples_dir', 'load_dataset', 'row_media', 'VQAFolder',
+           'SyntheticVQA', 'free_spot', 'print_decoy', 'make_code_decoy', 'make_count_easy', 'make_count_decoy',
+           'make_colour_small', 'make_colour_decoy', 'make_position_small', 'make_position_decoy', 'parse_mix',
+           'kind_counts', 'assign_kinds', 'row_subset', 'chat_messages', 'tokenizer_corpus', 'build_tokenizer',
+           'load_tokenizer']
 
 # %% ../nbs/09_data.ipynb #722d64fc
 IMAGE_SIZE: tuple[int, int] = (256, 192)  # (W, H): tiny Dynamic-S2 cuts a 4x3 grid, as NVILA-8B does for 1344x896
+
+
+KINDS: tuple[str, ...] = ("easy", "informative", "mislabelled", "distracting")  # the example kinds DeltaLoss sorts
 
 
 class DatasetError(ValueError):
@@ -50,11 +56,42 @@ class Task:
     answers: list[str]  # every answer `make` can return, each drawn with equal probability
     make: Callable[..., tuple[Image.Image, str, str]] = field(repr=False)  # make(rng, size) -> (image, question, answer)
     fine: bool = False  # True when the answer needs more resolution than one 64x64 tile keeps
+    default_kind: str = ""  # the kind `make` draws: "" -> "informative" if fine else "easy"
+    kinds: dict = field(default_factory=dict, repr=False)  # other kinds: kind -> make(rng, size), see `register_kind`
+
+    def __post_init__(self):
+        kind = self.default_kind or ("informative" if self.fine else "easy")
+        if kind not in ("easy", "informative"):
+            raise DatasetError(f"task {self.name!r}: default_kind must be 'easy' or 'informative' (its answers are "
+                               f"right), got {kind!r}")
+        object.__setattr__(self, "default_kind", kind)
 
     @property
     def chance(self) -> float:
         "Accuracy of a uniform guess (the answers are drawn uniformly)."
         return 1.0 / len(self.answers)
+
+    @property
+    def kind_names(self) -> tuple[str, ...]:
+        "The kinds this task can draw, in `KINDS` order (mislabelled always, given two answers or more)."
+        have = {self.default_kind, *self.kinds} | ({"mislabelled"} if len(self.answers) > 1 else set())
+        return tuple(k for k in KINDS if k in have)
+
+    def maker(self, kind: str | None = None) -> Callable:
+        """The `make(rng, size)` that draws `kind` (None: the default kind). A kind's make returns (image, question,
+        answer) or (image, question, answer, true_answer); "mislabelled" has a generic one (see `make_sample`)."""
+        kind = kind or self.default_kind
+        if kind not in KINDS:
+            raise DatasetError(did_you_mean("example kind", kind, KINDS))
+        if kind == self.default_kind:
+            return self.make
+        if kind in self.kinds:
+            return self.kinds[kind]
+        if kind == "mislabelled" and len(self.answers) > 1:
+            return functools.partial(_mislabel, self)
+        raise DatasetError(f"task {self.name!r} cannot draw {kind!r} examples (it draws {', '.join(self.kind_names)}); "
+                           f"register a make for it with register_kind({self.name!r}, {kind!r}), or leave {kind} "
+                           "out of the mix")
 
 
 TASKS: dict[str, Task] = {}
@@ -62,12 +99,41 @@ DEFAULT_TASKS: tuple[str, ...] = ("read_code", "count", "colour", "position")
 
 
 def register_task(name: str, description: str, questions: Iterable[str], answers: Iterable[str],
-                  fine: bool = False) -> Callable:
-    "Decorator: register `make(rng, size) -> (image, question, answer)` as the task `name` in `TASKS`."
+                  fine: bool = False, default_kind: str = "", kinds: dict | None = None) -> Callable:
+    """Decorator: register `make(rng, size) -> (image, question, answer)` as the task `name` in `TASKS`. `make` draws
+    the task's `default_kind` ("" -> "informative" if `fine` else "easy"); `kinds` maps other kinds to their makes
+    (or add them later with `register_kind`)."""
     def deco(make: Callable) -> Callable:
-        TASKS[name] = Task(name, description, *_task_lists("task", name, questions, answers), make, fine)
+        TASKS[name] = Task(name, description, *_task_lists("task", name, questions, answers), make, fine,
+                           default_kind, dict(kinds or {}))
+        for kind in kinds or {}:
+            _check_kind(TASKS[name], kind)
         return make
     return deco
+
+
+def _check_kind(t: Task, kind: str) -> None:
+    if kind not in KINDS:
+        raise DatasetError(did_you_mean("example kind", kind, KINDS))
+    if kind == t.default_kind:
+        raise DatasetError(f"task {t.name!r}: {kind!r} is its default kind, drawn by the make it was registered with")
+
+
+def register_kind(task: str, kind: str) -> Callable:
+    "Decorator: register `make(rng, size) -> (image, question, answer[, true_answer])` as how `task` draws `kind`."
+    def deco(make: Callable) -> Callable:
+        t = get_task(task)
+        _check_kind(t, kind)
+        t.kinds[kind] = make
+        return make
+    return deco
+
+
+def _mislabel(t: Task, rng: np.random.Generator, size: tuple[int, int]):
+    "The generic mislabelled example: the default kind's image and question, another of the task's answers (drawn by `rng`)."
+    img, question, answer = t.make(rng, size)
+    others = [a for a in t.answers if a != answer]
+    return img, question, others[int(rng.integers(len(others)))], answer
 
 
 def _task_lists(kind: str, name: str, questions: Iterable[str], answers: Iterable[str]) -> tuple[list, list]:
@@ -132,23 +198,30 @@ def make_read_code(code_length: int = 2, font_px: int = 14, snap: int = 8) -> Ca
     def make(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE):
         img, d = draw_page(rng, size)
         code = "".join(str(int(c)) for c in rng.integers(0, 10, code_length))
-        font_ = font(font_px)
-        l, t, r, b = d.textbbox((0, 0), code, font=font_)
-        pad = 3
-        bw, bh = r - l + 2 * pad, b - t + 2 * pad  # box around the ink
-        if bw + 4 > size[0] or bh + 4 > size[1]:
-            raise DatasetError(f"a {code_length}-digit code at {font_px} px does not fit a {size[0]}x{size[1]} image")
-        # the ink's corner (x + pad, y + pad) on the snap grid, the box 2 px inside the page
-        lo = -(-(pad + 2) // snap)
-        hx, hy = (size[0] - bw - 2 + pad) // snap, (size[1] - bh - 2 + pad) // snap
-        if hx < lo or hy < lo:
-            raise DatasetError(f"a {code_length}-digit code at {font_px} px on a {snap}-px grid does not fit a "
-                               f"{size[0]}x{size[1]} image")
-        x, y = int(rng.integers(lo, hx + 1)) * snap - pad, int(rng.integers(lo, hy + 1)) * snap - pad
-        d.rectangle((x, y, x + bw, y + bh), fill=(255, 255, 255), outline=(40, 40, 40), width=1)
-        d.text((x + pad - l, y + pad - t), code, fill=(0, 0, 0), font=font_)
+        draw_code_box(rng, d, size, code, font_px, snap)
         return img, pick(rng, CODE_QUESTIONS), code
     return make
+
+
+def draw_code_box(rng: np.random.Generator, d: ImageDraw.ImageDraw, size: tuple[int, int], code: str,
+                  font_px: int = 14, snap: int = 8) -> tuple[int, int, int, int]:
+    "Print `code` in a `font_px` bold font in a white box placed by `rng` (the ink's corner on a `snap`-px grid); returns the box (x0, y0, x1, y1)."
+    font_ = font(font_px)
+    l, t, r, b = d.textbbox((0, 0), code, font=font_)
+    pad = 3
+    bw, bh = r - l + 2 * pad, b - t + 2 * pad  # box around the ink
+    if bw + 4 > size[0] or bh + 4 > size[1]:
+        raise DatasetError(f"a {len(code)}-digit code at {font_px} px does not fit a {size[0]}x{size[1]} image")
+    # the ink's corner (x + pad, y + pad) on the snap grid, the box 2 px inside the page
+    lo = -(-(pad + 2) // snap)
+    hx, hy = (size[0] - bw - 2 + pad) // snap, (size[1] - bh - 2 + pad) // snap
+    if hx < lo or hy < lo:
+        raise DatasetError(f"a {len(code)}-digit code at {font_px} px on a {snap}-px grid does not fit a "
+                           f"{size[0]}x{size[1]} image")
+    x, y = int(rng.integers(lo, hx + 1)) * snap - pad, int(rng.integers(lo, hy + 1)) * snap - pad
+    d.rectangle((x, y, x + bw, y + bh), fill=(255, 255, 255), outline=(40, 40, 40), width=1)
+    d.text((x + pad - l, y + pad - t), code, fill=(0, 0, 0), font=font_)
+    return x, y, x + bw, y + bh
 
 
 def _codes(code_length: int) -> list[str]:
@@ -260,15 +333,25 @@ def sample_id(task: str, seed: int, index: int) -> str:
     return f"{task}_{seed}_{index:05d}"
 
 
-def make_sample(task: str | Task, seed: int = 0, index: int = 0, size: tuple[int, int] = IMAGE_SIZE) -> dict:
-    "Example `index` of `task` in the set with `seed`: {'id', 'task', 'image' (PIL RGB), 'question', 'answer'}."
+def make_sample(task: str | Task, seed: int = 0, index: int = 0, size: tuple[int, int] = IMAGE_SIZE,
+                kind: str | None = None) -> dict:
+    """Example `index` of `task` in the set with `seed`: {'id', 'task', 'image' (PIL RGB), 'question', 'answer',
+    'kind'}, drawn as `kind` (None: the task's default kind, today's examples byte for byte). Mislabelled and
+    distracting examples also carry 'true_answer', the right answer to the question (never equal to 'answer')."""
     t = get_task(task)
-    img, question, answer = t.make(sample_rng(t.name, seed, index), tuple(size))
-    if question not in t.questions or answer not in t.answers:  # a custom task that breaks its own contract
+    kind = kind or t.default_kind
+    out = t.maker(kind)(sample_rng(t.name, seed, index), tuple(size))
+    img, question, answer = out[:3]
+    true = out[3] if len(out) > 3 else answer
+    if question not in t.questions or answer not in t.answers or true not in t.answers:  # a task breaking its contract
         raise DatasetError(f"task {t.name!r} returned question {question!r} / answer {answer!r} outside its "
                            "declared questions/answers; fix its make function or its register_task lists")
-    return {"id": sample_id(t.name, seed, index), "task": t.name, "image": img.convert("RGB"),
-            "question": question, "answer": answer}
+    if (true != answer) != (kind in ("mislabelled", "distracting")):
+        raise DatasetError(f"task {t.name!r}, kind {kind!r}: answer {answer!r} and true answer {true!r} must "
+                           f"{'differ' if kind in ('mislabelled', 'distracting') else 'agree'}; fix its {kind} make")
+    s = {"id": sample_id(t.name, seed, index), "task": t.name, "image": img.convert("RGB"),
+         "question": question, "answer": answer, "kind": kind}
+    return s | ({"true_answer": true} if true != answer else {})
 
 # %% ../nbs/09_data.ipynb #fd6b220f
 _FIELDS = ("id", "task", "image", "question", "answer")
@@ -344,20 +427,31 @@ def write_dataset(out_dir: str | Path, plan: list[tuple[str, int]], write_exampl
 
 
 def make_dataset(tasks: Iterable[str] | str | None, n: int, seed: int, out_dir: str | Path, progress: bool = True,
-                 overwrite: bool = False, size: tuple[int, int] = IMAGE_SIZE) -> Path:
-    "Write `n` examples per task (None: `DEFAULT_TASKS`) with `seed` to `out_dir`: images/<id>.png + data.jsonl. Returns `out_dir`."
+                 overwrite: bool = False, size: tuple[int, int] = IMAGE_SIZE, mix: str | dict | None = None) -> Path:
+    """Write `n` examples per task (None: `DEFAULT_TASKS`) with `seed` to `out_dir`: images/<id>.png + data.jsonl.
+    Every row carries its `kind`; without a `mix` it is the task's default kind (today's examples). A `mix`
+    ("easy=0.3,informative=0.4,..." or a dict, see `parse_mix`) gives each task exact per-kind counts
+    (`kind_counts`), spread over its indices by a seeded permutation (`assign_kinds`). Returns `out_dir`."""
     plan = _plan(tasks, n)
+    names = list(dict.fromkeys(t for t, _ in plan))
+    fractions = parse_mix(mix) if mix is not None else None
+    kinds = {t: assign_kinds(fractions, n, seed, t) if fractions else [get_task(t).default_kind] * n for t in names}
+    for t in names:  # fail before writing anything when a task cannot draw a kind the mix asks for
+        for k in set(kinds[t]):
+            get_task(t).maker(k)
 
     def write(name: str, index: int, out: Path) -> dict:
-        s = make_sample(name, seed, index, size)
+        s = make_sample(name, seed, index, size, kind=kinds[name][index])
         rel = f"images/{s['id']}.png"
         s["image"].save(out / rel, optimize=True)
-        return {"id": s["id"], "task": name, "image": rel, "question": s["question"], "answer": s["answer"],
-                "seed": seed, "index": index}
+        row = {"id": s["id"], "task": name, "image": rel, "question": s["question"], "answer": s["answer"],
+               "seed": seed, "index": index, "kind": s["kind"]}
+        return row | ({"true_answer": s["true_answer"]} if "true_answer" in s else {})
 
-    meta = {"tasks": list(dict.fromkeys(t for t, _ in plan)), "n_per_task": n,
+    meta = {"tasks": names, "n_per_task": n,
             "seed": seed, "size": list(size), "font": Path(font_file()).name if font_file() else "pillow-default",
-            "font_sha256": _font_sha(), "generator": "nvila_lab.data v1"}
+            "font_sha256": _font_sha(), "generator": "nvila_lab.data v1", "mix": fractions,
+            "kind_counts": {t: {k: kinds[t].count(k) for k in KINDS if k in kinds[t]} for t in names}}
     return write_dataset(out_dir, plan, write, meta, "images", "make_dataset", overwrite, progress)
 
 # %% ../nbs/09_data.ipynb #b4914b6e
@@ -393,6 +487,12 @@ def load_dataset(folder: str | Path | None = None) -> list[dict]:
         if missing:
             raise DatasetError(f"{jl}:{ln}: missing or non-string field(s) {missing}; every line needs {fields} "
                                "(or 'video' in place of 'image')")
+        if "kind" in row and row["kind"] not in KINDS:
+            raise DatasetError(f"{jl}:{ln}: {did_you_mean('example kind', str(row['kind']), KINDS)}")
+        for opt in ("subset", "true_answer"):
+            if opt in row and not (isinstance(row[opt], str) and row[opt].strip()):
+                raise DatasetError(f"{jl}:{ln}: field {opt!r} must be a non-empty string, got {row[opt]!r}; "
+                                   f"fix it or drop the field")
         if row["id"] in ids:
             raise DatasetError(f"{jl}:{ln}: duplicate id {row['id']!r}")
         ids.add(row["id"])
@@ -463,6 +563,206 @@ class SyntheticVQA:
 
     def __repr__(self) -> str:
         return f"SyntheticVQA({len(self)} examples, tasks {self.tasks}, seed {self.seed})"
+
+# %% ../nbs/09_data.ipynb #3c8fff28
+def _other(rng: np.random.Generator, answers, answer: str) -> str:
+    "One of `answers` other than `answer`, drawn by `rng`."
+    others = [a for a in answers if a != answer]
+    return others[int(rng.integers(len(others)))]
+
+
+def free_spot(rng: np.random.Generator, size: tuple[int, int], w: int, h: int,
+              taken: list[tuple[int, int, int, int]], margin: int = 4, tries: int = 500) -> tuple[int, int]:
+    "A top-left corner (x, y), drawn by `rng`, for a `w` x `h` box inside the page and `margin` px clear of every box in `taken`."
+    W, H = size
+    if W - w - 3 <= 2 or H - h - 3 <= 2:
+        raise DatasetError(f"a {w}x{h} decoy does not fit a {W}x{H} image; use a larger size")
+    for _ in range(tries):
+        x, y = int(rng.integers(2, W - w - 2)), int(rng.integers(2, H - h - 2))
+        if all(x + w + margin <= x0 or x1 + margin <= x or y + h + margin <= y0 or y1 + margin <= y
+               for x0, y0, x1, y1 in taken):
+            return x, y
+    raise DatasetError(f"no room for a {w}x{h} decoy on a {W}x{H} image after {tries} tries; use a larger size")
+
+
+def print_decoy(rng: np.random.Generator, d: ImageDraw.ImageDraw, size: tuple[int, int], text: str, px: int,
+                taken: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
+    "Print `text` in black at `px` px somewhere clear of `taken` (placed by `rng`); returns its ink box."
+    f = font(px)
+    l, t, r, b = d.textbbox((0, 0), text, font=f)
+    x, y = free_spot(rng, size, r - l, b - t, taken)
+    d.text((x - l, y - t), text, fill=(0, 0, 0), font=f)
+    return x, y, x + r - l, y + b - t
+
+
+def make_code_decoy(code_length: int = 2, font_px: int = 14, decoy_px: int = 28) -> Callable:
+    "A distracting `make` for read_code: the box holds the true code; another code, the label, is printed at `decoy_px` outside it."
+    def make(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE):
+        img, d = draw_page(rng, size)
+        code = "".join(str(int(c)) for c in rng.integers(0, 10, code_length))
+        box = draw_code_box(rng, d, size, code, font_px)  # exactly the informative example so far
+        decoy = _other(rng, _codes(code_length), code)
+        print_decoy(rng, d, size, decoy, decoy_px, [box])
+        return img, pick(rng, CODE_QUESTIONS), decoy, code
+    return make
+
+
+for _name, _n in (("read_code", 2), ("read_digit", 1)):
+    register_kind(_name, "easy")(make_read_code(_n, font_px=44))
+    register_kind(_name, "distracting")(make_code_decoy(_n))
+
+
+@register_kind("count", "easy")
+def make_count_easy(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE):
+    "1-5 big dark squares, one in each of n distinct cells of a 4x3 grid: countable after a 64x64 squash."
+    img, d = draw_page(rng, size)
+    n = int(rng.integers(1, 6))
+    cw, ch = size[0] // 4, size[1] // 3
+    for c in rng.choice(12, n, replace=False):
+        s = int(rng.integers(min(cw, ch) // 4, min(cw, ch) // 3 + 1))  # 16-21 px at 256x192
+        x = int(c % 4) * cw + int(rng.integers(4, cw - s - 3))
+        y = int(c // 4) * ch + int(rng.integers(4, ch - s - 3))
+        g = int(rng.integers(20, 101))
+        d.rectangle((x, y, x + s - 1, y + s - 1), fill=(g, g, g))
+    return img, pick(rng, COUNT_QUESTIONS), str(n)
+
+
+@register_kind("count", "distracting")
+def make_count_decoy(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE):
+    "Today's cluster of n small dots, plus the label's number m != n printed as a 32-px digit clear of the cluster."
+    img, d = draw_page(rng, size)
+    n = int(rng.integers(1, 6))
+    dots = _dot_cluster(rng, n, size)
+    for x, y, s in dots:
+        g = int(rng.integers(20, 101))
+        d.rectangle((x, y, x + s - 1, y + s - 1), fill=(g, g, g))
+    m = _other(rng, [str(i) for i in range(1, 6)], str(n))
+    print_decoy(rng, d, size, m, 32, [(x, y, x + s, y + s) for x, y, s in dots])
+    return img, pick(rng, COUNT_QUESTIONS), m, str(n)
+
+
+def _small_shape(rng: np.random.Generator, d: ImageDraw.ImageDraw, size: tuple[int, int], fill, lo: int, hi: int,
+                 taken: list, quadrant: int | None = None) -> tuple[int, int, int, int]:
+    "A shape of side lo..hi px in `fill` (jittered), clear of `taken`, inside `quadrant` (0..3) if given; returns its box."
+    w, h = size
+    side = int(rng.integers(lo, hi + 1))
+    if quadrant is None:
+        x, y = free_spot(rng, size, side, side, taken)
+    else:
+        qx, qy = (quadrant % 2) * w // 2, (quadrant // 2) * h // 2
+        x, y = qx + int(rng.integers(4, w // 2 - side - 3)), qy + int(rng.integers(4, h // 2 - side - 3))
+    draw_shape(d, int(rng.integers(4)), (x, y, x + side, y + side), jitter(rng, fill))
+    return x, y, x + side, y + side
+
+
+@register_kind("colour", "informative")
+def make_colour_small(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE):
+    "One small shape (6-10 px): after a 64x64 squash its colour is a pixel or two washed into the page."
+    img, d = draw_page(rng, size)
+    name = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+    _small_shape(rng, d, size, COLOURS[name], 6, 10, [])
+    return img, pick(rng, COLOUR_QUESTIONS), name
+
+
+@register_kind("colour", "distracting")
+def make_colour_decoy(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE):
+    "Today's big shape (the true colour), plus a small decoy shape (8-12 px) in the label's colour, clear of it."
+    img, d = draw_page(rng, size)
+    name = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+    w, h = size
+    side = int(rng.integers(int(0.47 * h), int(0.78 * h) + 1))  # make_colour's draws, in its order
+    x, y = int(rng.integers(4, w - side - 3)), int(rng.integers(4, h - side - 3))
+    draw_shape(d, int(rng.integers(4)), (x, y, x + side, y + side), jitter(rng, COLOURS[name]))
+    decoy = _other(rng, list(COLOURS), name)
+    _small_shape(rng, d, size, COLOURS[decoy], 8, 12, [(x, y, x + side, y + side)])
+    return img, pick(rng, COLOUR_QUESTIONS), decoy, name
+
+
+@register_kind("position", "informative")
+def make_position_small(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE):
+    "One small shape (6-10 px) in one quadrant."
+    img, d = draw_page(rng, size)
+    k = int(rng.integers(4))
+    colour = list(COLOURS.values())[int(rng.integers(len(COLOURS)))]
+    _small_shape(rng, d, size, colour, 6, 10, [], quadrant=k)
+    return img, pick(rng, POSITION_QUESTIONS), POSITIONS[k]
+
+
+@register_kind("position", "distracting")
+def make_position_decoy(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE):
+    "Today's shape in quadrant k (the true answer), plus a small decoy shape (6-10 px) in the label's quadrant m != k."
+    img, d = draw_page(rng, size)
+    k = int(rng.integers(4))
+    w, h = size
+    side = int(rng.integers(int(0.21 * h), int(0.36 * h) + 1))  # make_position's draws, in its order
+    qx, qy = (k % 2) * w // 2, (k // 2) * h // 2
+    x = qx + int(rng.integers(4, w // 2 - side - 3))
+    y = qy + int(rng.integers(4, h // 2 - side - 3))
+    colour = list(COLOURS.values())[int(rng.integers(len(COLOURS)))]
+    draw_shape(d, int(rng.integers(4)), (x, y, x + side, y + side), jitter(rng, colour))
+    m = POSITIONS.index(_other(rng, POSITIONS, POSITIONS[k]))
+    _small_shape(rng, d, size, list(COLOURS.values())[int(rng.integers(len(COLOURS)))], 6, 10, [], quadrant=m)
+    return img, pick(rng, POSITION_QUESTIONS), POSITIONS[m], POSITIONS[k]
+
+# %% ../nbs/09_data.ipynb #629368e6
+def parse_mix(mix: str | dict) -> dict[str, float]:
+    "The kind fractions of `mix` (\"easy=0.3,informative=0.4,...\" or a dict), checked, in `KINDS` order."
+    example = "e.g. easy=0.3,informative=0.4,mislabelled=0.2,distracting=0.1"
+    if isinstance(mix, str):
+        items = {}
+        for part in mix.split(","):
+            name, eq, value = (x.strip() for x in part.partition("="))
+            if not eq or not name:
+                raise DatasetError(f"mix item {part.strip()!r} is not KIND=FRACTION ({example})")
+            if name in items:
+                raise DatasetError(f"mix names {name!r} twice; name each kind once")
+            try:
+                items[name] = float(value)
+            except ValueError:
+                raise DatasetError(f"mix item {part.strip()!r}: {value!r} is not a number ({example})") from None
+    elif isinstance(mix, dict):
+        items = dict(mix)
+    else:
+        raise DatasetError(f"a mix is a text or a dict of kind -> fraction, got {type(mix).__name__} ({example})")
+    if not items:
+        raise DatasetError(f"the mix is empty; give KIND=FRACTION pairs ({example})")
+    for k, v in items.items():
+        if k not in KINDS:
+            raise DatasetError(did_you_mean("example kind", str(k), KINDS))
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not 0 <= v < float("inf"):
+            raise DatasetError(f"mix fraction of {k!r} must be a number >= 0, got {v!r}")
+    total = sum(float(v) for v in items.values())
+    if abs(total - 1) > 1e-6:
+        raise DatasetError(f"mix fractions sum to {total:g}, not 1; make them add up ({example})")
+    return {k: float(items[k]) for k in KINDS if k in items}
+
+
+def kind_counts(mix: str | dict, n: int) -> dict[str, int]:
+    "Exact per-kind counts of `n` examples for `mix`, by largest remainder (ties in `KINDS` order); they sum to `n`."
+    fr = parse_mix(mix)
+    total = sum(fr.values())
+    exact = {k: round(f / total * n, 9) for k, f in fr.items()}  # rounding: 0.29 * 100 is 28.999999999999996
+    counts = {k: int(e) for k, e in exact.items()}
+    order = sorted(fr, key=lambda k: (-(exact[k] - counts[k]), KINDS.index(k)))
+    for k in order[:n - sum(counts.values())]:
+        counts[k] += 1
+    return counts
+
+
+def assign_kinds(mix: str | dict, n: int, seed: int, subset: str) -> list[str]:
+    "The kind of each index 0..n-1 of `subset`: `kind_counts(mix, n)` spread by a permutation seeded by (seed, subset)."
+    counts = kind_counts(mix, n)
+    labels = [k for k in KINDS for _ in range(counts.get(k, 0))]
+    perm = np.random.default_rng([int(seed), zlib.crc32(subset.encode()), 0, 0x6B696E64]).permutation(n)
+    out = [""] * n
+    for j, i in enumerate(perm):
+        out[int(i)] = labels[j]
+    return out
+
+
+def row_subset(row: dict) -> str:
+    "The source subset DeltaLoss selects within: the row's `subset` field if present, else its task."
+    return row["subset"] if "subset" in row else row["task"]
 
 # %% ../nbs/09_data.ipynb #802896ea
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN, VIDEO_TOKEN)

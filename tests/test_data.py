@@ -304,3 +304,136 @@ def test_shipped_tokenizer_is_what_build_makes(tok):
 def test_load_tokenizer_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer in"):
         load_tokenizer(tmp_path)
+
+
+# ---------------------------------------------------------------- kinds of examples, for pruning (issue 13)
+
+MIX = "easy=0.3,informative=0.4,mislabelled=0.2,distracting=0.1"
+
+
+def test_default_kinds_and_byte_identity():
+    from nvila_lab.data import KINDS
+    assert KINDS == ("easy", "informative", "mislabelled", "distracting")
+    assert {t: TASKS[t].default_kind for t in DEFAULT_TASKS} == {
+        "read_code": "informative", "count": "informative", "colour": "easy", "position": "easy"}
+    for task in DEFAULT_TASKS:
+        for i in range(3):
+            a, b = make_sample(task, 2, i), make_sample(task, 2, i, kind=TASKS[task].default_kind)
+            assert a["kind"] == b["kind"] == TASKS[task].default_kind and "true_answer" not in a
+            assert a["image"].tobytes() == b["image"].tobytes() and a["answer"] == b["answer"]
+
+
+def test_shipped_rows_carry_their_default_kind():
+    rows = load_dataset()
+    assert all(r["kind"] == TASKS[r["task"]].default_kind for r in rows)
+    assert not any("true_answer" in r for r in rows)
+
+
+@pytest.mark.parametrize("task", DEFAULT_TASKS)
+@pytest.mark.parametrize("kind", ["mislabelled", "distracting"])
+def test_wrong_kinds_keep_the_true_answer(task, kind):
+    for i in range(12):
+        s = make_sample(task, 0, i, kind=kind)
+        assert s["kind"] == kind and s["answer"] in TASKS[task].answers
+        assert s["true_answer"] != s["answer"]
+        assert s["true_answer"] == make_sample(task, 0, i)["answer"]  # the default example's answer
+        assert make_sample(task, 0, i, kind=kind)["image"].tobytes() == s["image"].tobytes()  # deterministic
+    if kind == "mislabelled":  # the same picture as the default example, another label
+        assert s["image"].tobytes() == make_sample(task, 0, i)["image"].tobytes()
+    else:  # the decoy changes the picture
+        assert s["image"].tobytes() != make_sample(task, 0, i)["image"].tobytes()
+
+
+def test_easy_and_informative_differ_in_detail():
+    def ink(img, thr):  # pixels darker than thr in every channel
+        return int((np.asarray(img) < thr).all(-1).sum())
+    for i in range(6):
+        # read_code: the easy code's black ink is several times the informative one's
+        assert ink(make_sample("read_code", 0, i, kind="easy")["image"], 20) > 4 * ink(make_sample("read_code", 0, i)["image"], 20)
+        for task in ("colour", "position"):  # the informative shape is small
+            a = np.asarray(make_sample(task, 0, i, kind="informative")["image"]).astype(int)
+            assert ((a.max(-1) - a.min(-1)) > 60).sum() <= 121
+
+
+def test_parse_mix_and_counts():
+    from nvila_lab.data import assign_kinds, kind_counts, parse_mix
+    assert parse_mix(MIX) == {"easy": 0.3, "informative": 0.4, "mislabelled": 0.2, "distracting": 0.1}
+    assert kind_counts(MIX, 7) == {"easy": 2, "informative": 3, "mislabelled": 1, "distracting": 1}
+    assert kind_counts("easy=0.29,informative=0.71", 100) == {"easy": 29, "informative": 71}
+    for n in (1, 4, 9, 33):
+        assert sum(kind_counts(MIX, n).values()) == n
+    a = assign_kinds(MIX, 20, 1, "count")
+    assert a == assign_kinds(MIX, 20, 1, "count") and a != assign_kinds(MIX, 20, 2, "count")
+    assert sorted(a) == sorted(["easy"] * 6 + ["informative"] * 8 + ["mislabelled"] * 4 + ["distracting"] * 2)
+
+
+@pytest.mark.parametrize("mix, message", [
+    ("easy=0.5,informative=0.4", "sum to 0.9"), ("esay=1", "did you mean 'easy'"), ("easy=1,easy=0", "twice"),
+    ("easy=-0.5,informative=1.5", ">= 0"), ("easy:1", "KIND=FRACTION"), ("easy=x", "not a number"), ({}, "empty"),
+    ({"easy": True}, ">= 0"), (None, "text or a dict"),
+])
+def test_bad_mixes(mix, message):
+    from nvila_lab.data import parse_mix
+    with pytest.raises(DatasetError, match=message):
+        parse_mix(mix)
+    assert "\n" not in message
+
+
+def test_make_dataset_with_a_mix(tmp_path):
+    from nvila_lab.data import KINDS, row_subset
+    out = make_dataset(["read_code", "position"], 10, 4, tmp_path / "a", progress=False, mix=MIX)
+    rows = load_dataset(out)
+    for task in ("read_code", "position"):
+        assert [sum(r["kind"] == k for r in rows if row_subset(r) == task) for k in KINDS] == [3, 4, 2, 1]
+    for r in rows:
+        s = make_sample(r["task"], 4, r["index"], kind=r["kind"])
+        assert (r["answer"], r.get("true_answer")) == (s["answer"], s.get("true_answer"))
+        with Image.open(r["image_path"]) as im:
+            assert np.asarray(im.convert("RGB")).tobytes() == s["image"].tobytes()
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["mix"] == {"easy": 0.3, "informative": 0.4, "mislabelled": 0.2, "distracting": 0.1}
+    again = make_dataset(["read_code", "position"], 10, 4, tmp_path / "b", progress=False, mix=MIX)
+    assert (again / "data.jsonl").read_text() == (out / "data.jsonl").read_text()
+
+
+def test_custom_task_kinds(tmp_path):
+    from nvila_lab.data import draw_page, register_kind, register_task
+    @register_task("_yesno", "a page", ["Is it there?"], ["yes", "no"])
+    def make(rng, size=IMAGE_SIZE):
+        return draw_page(rng, size)[0], "Is it there?", "yes"
+    try:
+        assert TASKS["_yesno"].default_kind == "easy"
+        s = make_sample("_yesno", 0, 0, kind="mislabelled")  # generic: another answer of the task
+        assert (s["answer"], s["true_answer"]) == ("no", "yes")
+        with pytest.raises(DatasetError, match="cannot draw 'distracting' examples .*register_kind"):
+            make_sample("_yesno", kind="distracting")
+        with pytest.raises(DatasetError, match="cannot draw 'informative'"):
+            make_dataset("_yesno", 4, 0, tmp_path / "x", progress=False, mix="easy=0.5,informative=0.5")
+        assert not (tmp_path / "x").exists()
+        make_dataset("_yesno", 4, 0, tmp_path / "y", progress=False, mix="easy=0.5,mislabelled=0.5")
+
+        @register_kind("_yesno", "distracting")
+        def bad(rng, size=IMAGE_SIZE):  # a distracting make whose label is the true answer breaks the contract
+            return draw_page(rng, size)[0], "Is it there?", "yes", "yes"
+        with pytest.raises(DatasetError, match="must differ"):
+            make_sample("_yesno", kind="distracting")
+    finally:
+        del TASKS["_yesno"]
+
+
+def test_load_dataset_checks_kind_and_subset(tmp_path):
+    from nvila_lab.data import row_subset
+    out = make_dataset("count", n=2, seed=0, out_dir=tmp_path / "ds", progress=False)
+    jl = out / "data.jsonl"
+    rows = [json.loads(l) for l in jl.read_text().splitlines()]
+    for field, value, message in (("kind", "noisy", "unknown example kind 'noisy'"), ("kind", 3, "unknown example kind"),
+                                  ("subset", "", "'subset' must be a non-empty string"),
+                                  ("subset", 7, "'subset' must be a non-empty string"),
+                                  ("true_answer", None, "'true_answer' must be")):
+        jl.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], field: value}) + "\n")
+        with pytest.raises(DatasetError, match=r"data\.jsonl:2: .*" + message):
+            load_dataset(out)
+    old = {k: v for k, v in rows[1].items() if k != "kind"}  # an older dataset without kinds stays valid
+    jl.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**old, "subset": "docs"}) + "\n")
+    got = load_dataset(out)
+    assert "kind" not in got[1] and [row_subset(r) for r in got] == ["count", "docs"]
