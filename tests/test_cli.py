@@ -365,6 +365,44 @@ def test_make_data_out_is_a_file(tmp_path):
     assert r.returncode == 2 and "is a file" in r.stderr and r.stderr.count("\n") == 1
 
 
+def test_make_data_mix_writes_exact_kind_counts(tmp_path):
+    from nvila_lab.data import KINDS, load_dataset, make_dataset, make_sample
+    out = tmp_path / "d"
+    r = cli("make-data", "--mix", "easy=0.3,informative=0.4,mislabelled=0.2,distracting=0.1", "--n", "50",
+            "--task", "count", "--task", "colour", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("wrote 100 examples (50 per task x 2 tasks: count, colour; seed 0; "
+                               "mix easy=0.3,informative=0.4,mislabelled=0.2,distracting=0.1) to "), r.stdout
+    rows = load_dataset(out)
+    for task in ("count", "colour"):
+        got = {k: sum(r["kind"] == k and r["task"] == task for r in rows) for k in KINDS}
+        assert got == {"easy": 15, "informative": 20, "mislabelled": 10, "distracting": 5}, (task, got)
+    for r in rows:
+        assert ("true_answer" in r) == (r["kind"] in ("mislabelled", "distracting"))
+        assert r.get("true_answer") != r["answer"]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["mix"] == {"easy": 0.3, "informative": 0.4, "mislabelled": 0.2, "distracting": 0.1}
+    ref = make_dataset(["count", "colour"], 50, 0, tmp_path / "ref", progress=False, mix=meta["mix"])
+    assert (ref / "data.jsonl").read_text() == (out / "data.jsonl").read_text()  # the command is make_dataset
+    s = make_sample(rows[7]["task"], 0, rows[7]["index"], kind=rows[7]["kind"])
+    from PIL import Image
+    with Image.open(rows[7]["image_path"]) as im:
+        assert im.convert("RGB").tobytes() == s["image"].tobytes()
+
+
+@pytest.mark.parametrize("mix, message", [
+    ("easy=0.5,informative=0.4", "--mix: mix fractions sum to 0.9, not 1"),
+    ("esy=0.5,informative=0.5", "unknown example kind 'esy'; did you mean 'easy'?"),
+    ("easy=-1,informative=2", "must be a number >= 0"),
+    ("easy", "is not KIND=FRACTION"),
+])
+def test_make_data_bad_mix_is_one_line(capsys, tmp_path, mix, message):
+    rc, o, e = run_main(capsys, "make-data", "--mix", mix, "--n", "2", "--out", str(tmp_path / "new"))
+    assert rc == 2 and o == "" and e.count("\n") == 1 and e.startswith("nvila-lab make-data: error: "), e
+    assert message in e, e
+    assert not (tmp_path / "new").exists()
+
+
 # ---------------------------------------------------------------- ask and eval
 #
 # In-process through `main`, with `nvila_lab.checkpoint.load_nvila` replaced by a stub (the checks that need no
