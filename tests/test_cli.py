@@ -952,3 +952,58 @@ def test_fp8_bad_input_is_one_line(capsys, argv, needle):
     rc, o, e = run_main(capsys, "fp8", *argv)
     assert rc == 2 and o == "" and e.count("\n") == 1 and e.startswith("nvila-lab fp8: error: "), e
     assert needle in e, e
+
+
+# ---------------------------------------------------------------- prune
+
+@pytest.fixture(scope="module")
+def prune_set(tmp_path_factory):
+    from nvila_lab.data import make_dataset
+    return make_dataset(["colour", "position", "count"], n=5, seed=3, out_dir=tmp_path_factory.mktemp("prune") / "set",
+                        progress=False)
+
+
+def test_prune_random_writes_a_dataset_train_and_eval_read(capsys, tmp_path, prune_set):
+    from nvila_lab.data import load_dataset
+    from nvila_lab.prune.select import select_random
+    rc, o, e = run_main(capsys, "prune", "--data", str(prune_set), "--keep", "0.5", "--method", "random",
+                        "--seed", "2", "--out", str(tmp_path / "r"), "--json")
+    assert rc == 0, e
+    d = json.loads(o)
+    assert (d["method"], d["keep"], d["seed"], d["kept"], d["total"]) == ("random", 0.5, 2, 9, 15)
+    assert d["counts"]["subsets"] == {t: {"kept": 3, "total": 5} for t in ("colour", "position", "count")}
+    assert sum(c["kept"] for c in d["counts"]["kinds"].values()) == 9
+    kept = [r["id"] for r in load_dataset(tmp_path / "r")]
+    assert kept == select_random(load_dataset(prune_set), 0.5, seed=2)
+    rc, o, e = run_main(capsys, "prune", "--data", str(prune_set), "--keep", "0.5", "--method", "random",
+                        "--out", str(tmp_path / "t"))  # the table
+    assert rc == 0 and "PruneResult(random seed 0, keep 0.5: 9/15 kept" in o and "colour" in o, o
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--keep", "0", "--method", "random"], "keep must be in (0, 1]"),
+    (["--keep", "1.5", "--method", "random"], "keep must be in (0, 1]"),
+    (["--keep", "nan", "--method", "random"], "keep must be"),
+    (["--keep", "half", "--method", "random"], "argument --keep: invalid float value"),
+    (["--keep", "0.5", "--method", "randm"], "unknown method 'randm'; did you mean 'random'?"),
+    (["--keep", "0.5"], "--method deltaloss needs --large and --small"),
+    (["--keep", "0.5", "--method", "cluster"], "--method cluster needs --large"),
+    (["--keep", "0.5", "--method", "deltaloss", "--large", "nowhere", "--small", "nowhere"], "checkpoint folder 'nowhere' not found"),
+    (["--keep", "0.5", "--method", "deltaloss", "--score", "median", "--large", "data_samples/checkpoints/nano-nvila",
+      "--small", "data_samples/checkpoints/nano-nvila"], "unknown score 'median'"),
+])
+def test_prune_bad_input_is_one_line(capsys, tmp_path, prune_set, argv, needle):
+    rc, o, e = run_main(capsys, "prune", "--data", str(prune_set), "--out", str(tmp_path / "o"), *argv)
+    assert rc == 2 and o == "" and e.count("\n") == 1 and e.startswith("nvila-lab prune: error: "), e
+    assert needle in e, e
+    assert not (tmp_path / "o").exists()
+
+
+def test_prune_refuses_a_used_out_and_a_missing_dataset(capsys, tmp_path, prune_set):
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("mine")
+    for data, out, needle in ((str(prune_set), "used", "is not empty"), (str(tmp_path / "none"), "o", "not found")):
+        rc, o, e = run_main(capsys, "prune", "--data", data, "--keep", "0.5", "--method", "random",
+                            "--out", str(tmp_path / out))
+        assert rc == 2 and e.count("\n") == 1 and needle in e, e
+    assert (tmp_path / "used" / "notes.txt").read_text() == "mine"
