@@ -536,6 +536,7 @@ class VQAFolder:
     def __getitem__(self, i: int) -> dict:
         r = self.rows[i]
         out = {"id": r["id"], "task": r["task"], "question": r["question"], "answer": r["answer"]}
+        out |= {k: r[k] for k in ("kind", "subset", "true_answer") if k in r}  # the pruning labels, when the row has them
         if "video_path" in r:
             return out | {"video_path": r["video_path"]}  # decoded when the model reads it, a few frames only
         with Image.open(r["image_path"]) as im:
@@ -546,11 +547,14 @@ class VQAFolder:
 
 
 class SyntheticVQA:
-    "`n` examples per task made on demand (deterministic, nothing on disk): item i is example i // T of task i % T."
+    """`n` examples per task made on demand (deterministic, nothing on disk): item i is example i // T of task i % T.
+    With a `mix` the kinds are those `make_dataset(..., mix=mix)` writes for the same tasks, `n` and `seed`."""
     def __init__(self, tasks: Iterable[str] | str | None = None, n: int = 1000, seed: int = 0,
-                 size: tuple[int, int] = IMAGE_SIZE):
+                 size: tuple[int, int] = IMAGE_SIZE, mix: str | dict | None = None):
         self.plan, self.seed, self.size = _plan(tasks, n), seed, tuple(size)
         self.tasks = list(dict.fromkeys(t for t, _ in self.plan))
+        self.mix = parse_mix(mix) if mix is not None else None
+        self.kinds = {t: assign_kinds(self.mix, n, seed, t) if self.mix else [None] * n for t in self.tasks}
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -559,7 +563,7 @@ class SyntheticVQA:
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} examples")
         name, index = self.plan[i]
-        return make_sample(name, self.seed, index, self.size)
+        return make_sample(name, self.seed, index, self.size, kind=self.kinds[name][index])
 
     def __repr__(self) -> str:
         return f"SyntheticVQA({len(self)} examples, tasks {self.tasks}, seed {self.seed})"
@@ -657,10 +661,10 @@ def _small_shape(rng: np.random.Generator, d: ImageDraw.ImageDraw, size: tuple[i
 
 @register_kind("colour", "informative")
 def make_colour_small(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE):
-    "One small shape (6-10 px): after a 64x64 squash its colour is a pixel or two washed into the page."
+    "One small shape (4-7 px): after a 64x64 squash its colour is about one pixel washed into the page."
     img, d = draw_page(rng, size)
     name = list(COLOURS)[int(rng.integers(len(COLOURS)))]
-    _small_shape(rng, d, size, COLOURS[name], 6, 10, [])
+    _small_shape(rng, d, size, COLOURS[name], 4, 7, [])
     return img, pick(rng, COLOUR_QUESTIONS), name
 
 
@@ -680,11 +684,11 @@ def make_colour_decoy(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SI
 
 @register_kind("position", "informative")
 def make_position_small(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE):
-    "One small shape (6-10 px) in one quadrant."
+    "One small shape (4-7 px) in one quadrant: after a 64x64 squash about one pixel washed into the page."
     img, d = draw_page(rng, size)
     k = int(rng.integers(4))
     colour = list(COLOURS.values())[int(rng.integers(len(COLOURS)))]
-    _small_shape(rng, d, size, colour, 6, 10, [], quadrant=k)
+    _small_shape(rng, d, size, colour, 4, 7, [], quadrant=k)
     return img, pick(rng, POSITION_QUESTIONS), POSITIONS[k]
 
 
