@@ -209,3 +209,19 @@ def test_nan_scores_sort_last():
     assert [r["id"] for r in sort_rows(rows)] == ["c", "b", "a"]
     assert [r["id"] for r in sort_rows(rows, order="descending")] == ["b", "c", "a"]
     assert kind_counts([]) == {}
+
+
+def test_chart_and_static_copy(browser):
+    png = bytes(browser.chart.value)
+    assert png.startswith(PNG_MAGIC)
+    browser.kind.value = "mislabelled"
+    assert bytes(browser.chart.value).startswith(PNG_MAGIC) and bytes(browser.chart.value) != png  # redrawn
+    labels = [t.get_text() for t in browser._ax.get_yticklabels()]
+    assert labels == ["mislabelled"]  # one row of dots per kind in the filter
+    dots = browser._ax.collections[0].get_offsets()
+    assert sorted(float(x) for x, _ in dots) == sorted(TINY[i][1] for i in TINY if TINY[i][0] == "mislabelled")
+    data = browser._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in data
+    static = data["text/html"]
+    assert "static copy" in static and all(f"data-id='{i}'" in static for i in browser.shown_ids)
+    assert "data-id='colour_0_00000'" not in static  # an easy example: not on this page
