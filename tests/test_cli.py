@@ -1007,3 +1007,17 @@ def test_prune_refuses_a_used_out_and_a_missing_dataset(capsys, tmp_path, prune_
                             "--out", str(tmp_path / out))
         assert rc == 2 and e.count("\n") == 1 and needle in e, e
     assert (tmp_path / "used" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("method", ["deltaloss", "cluster"])
+def test_prune_with_models_from_the_command_line(capsys, tmp_path, prune_set, method):
+    from nvila_lab.data import load_dataset
+    nano = "data_samples/checkpoints/nano-nvila"
+    models = ["--large", nano] + (["--small", nano] if method == "deltaloss" else [])
+    rc, o, e = run_main(capsys, "prune", *models, "--data", str(prune_set), "--keep", "0.2", "--method", method,
+                        "--out", str(tmp_path / "o"), "--json")
+    assert rc == 0, e
+    d = json.loads(o)
+    assert d["kept"] == 3 and d["total"] == 15 and d["method"] == method  # ceil(0.2 * 5) = 1 per task
+    assert len(load_dataset(tmp_path / "o")) == 3
+    assert (tmp_path / "o" / "scores.parquet").is_file() == (method == "deltaloss")

@@ -240,3 +240,62 @@ def test_prune_refuses_used_folders_and_empty_subsets(tmp_path, src):
 
 def test_methods():
     assert METHODS == ("deltaloss", "random", "cluster")
+
+
+@pytest.fixture(scope="module")
+def nano():
+    from nvila_lab.checkpoint import load_nvila
+    return load_nvila(NANO)
+
+
+def test_prune_deltaloss_same_model_twice_is_all_ties_broken_by_id(tmp_path, src, nano):
+    res = prune(nano, nano, src, 0.4, out=tmp_path / "d", progress=False, batch_size=4)
+    from nvila_lab.prune.score import read_scores
+    table = read_scores(tmp_path / "d" / "scores.parquet", data=src, large=nano, small=nano)
+    assert all(r["delta_sum"] == 0.0 for r in table.rows)  # the same model: Delta is exactly 0
+    rows = load_dataset(src)
+    want = {i for t in ("colour", "count") for i in sorted(r["id"] for r in rows if r["task"] == t)[:2]}
+    assert res.kept_ids == [r["id"] for r in rows if r["id"] in want]
+    assert [r["id"] for r in load_dataset(tmp_path / "d")] == res.kept_ids
+    pj = json.loads((tmp_path / "d" / "prune.json").read_text())
+    assert pj["fingerprints"] == table.fingerprint and pj["score"] == "sum"
+    # the scores file handed back in: the same selection, ranked by mean this time, without scoring again
+    res2 = prune(nano, nano, src, 0.4, score="mean", scores=tmp_path / "d" / "scores.parquet", out=tmp_path / "m",
+                 progress=False)
+    assert res2.kept_ids == res.kept_ids and (tmp_path / "m" / "scores.parquet").is_file()
+    # scores of another dataset are refused by fingerprint, and nothing looks finished
+    other = make_dataset(["colour", "count"], n=5, seed=5, out_dir=tmp_path / "other", progress=False)
+    with pytest.raises(PruneError, match="another data") as e:
+        prune(nano, nano, other, 0.4, scores=tmp_path / "d" / "scores.parquet", out=tmp_path / "x", progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "x" / "data.jsonl").exists()
+
+
+def test_prune_deltaloss_refuses_scores_of_another_model_pair(tmp_path, src, nano):
+    import copy
+    import torch
+    prune(nano, nano, src, 0.5, out=tmp_path / "d", progress=False)
+    other = copy.deepcopy(nano)
+    with torch.no_grad():
+        next(other.llm.parameters()).add_(1.0)
+    with pytest.raises(PruneError, match="another large"):
+        prune(other, nano, src, 0.5, scores=tmp_path / "d" / "scores.parquet", out=tmp_path / "x", progress=False)
+
+
+def test_prune_deltaloss_interrupted_after_scoring_resumes(tmp_path, src, nano, monkeypatch):
+    monkeypatch.setattr(S, "_write_rows", lambda out, rows: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        prune(nano, nano, src, 0.5, out=tmp_path / "d", progress=False)
+    assert (tmp_path / "d" / "scores.parquet").is_file() and not (tmp_path / "d" / "data.jsonl").exists()
+    monkeypatch.undo()
+    scored = []
+    monkeypatch.setattr("nvila_lab.prune.score._score_batch", lambda *a: scored.append(a))
+    res = prune(nano, nano, src, 0.5, out=tmp_path / "d", progress=False)
+    assert scored == [] and res.counts["kept"] == 6  # nothing scored twice; ceil(0.5 * 5) = 3 per task
+
+
+def test_prune_cluster_uses_the_large_models_features(tmp_path, src, nano):
+    rows = load_dataset(src)
+    res = prune(nano, None, src, 0.6, method="cluster", seed=1, out=tmp_path / "c", progress=False)
+    assert res.kept_ids == select_cluster(rows, vision_features(nano, rows), 0.6, seed=1)
+    assert res.counts["subsets"] == {"colour": {"kept": 3, "total": 5}, "count": {"kept": 3, "total": 5}}
+    assert json.loads((tmp_path / "c" / "prune.json").read_text())["fingerprints"]["large"]
