@@ -24,7 +24,7 @@ FigureCanvasAgg = require("matplotlib.backends.backend_agg", "lab", "the prune b
                           package="matplotlib").FigureCanvasAgg
 
 from .dash import FG1, FG2, close_tree, html_table, png_bytes  # noqa: E402
-from .data import load_dataset  # noqa: E402
+from .data import KINDS, load_dataset  # noqa: E402
 from .prune.score import PruneError, read_scores  # noqa: E402
 
 # %% auto #0
@@ -36,7 +36,7 @@ SCORES = ("delta_sum", "delta_mean")  # the two scores one can sort by
 ORDERS = ("ascending", "descending")  # ascending: what DeltaLoss drops first comes first
 ALL = "all"  # the filter value that keeps every subset / kind
 NEEDED = ("id", "subset", "kind", "n_tokens", "delta_sum", "delta_mean", "loss_large", "loss_small")
-KIND_ORDER = ("easy", "informative", "mislabelled", "distracting")  # nvila_lab.data.KINDS, shown in this order
+KIND_ORDER = KINDS  # kinds are shown in nvila_lab.data's order; others after them, by name
 
 
 def _check_choice(what: str, value, choices) -> str:

@@ -225,3 +225,10 @@ def test_chart_and_static_copy(browser):
     static = data["text/html"]
     assert "static copy" in static and all(f"data-id='{i}'" in static for i in browser.shown_ids)
     assert "data-id='colour_0_00000'" not in static  # an easy example: not on this page
+
+
+def test_show_displays_the_browser(browser, monkeypatch):
+    import IPython.display
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj: shown.append(obj))
+    assert browser.show() is browser and shown == [browser]
