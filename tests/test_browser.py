@@ -135,6 +135,18 @@ def _tile_all_tokens() -> int:
 TILE_ALL_TOKENS = _tile_all_tokens()
 
 
+def open_and_run(browser, lab: str, notebook: str, errors: list):
+    "A new page on `notebook` in the running JupyterLab: wait for its python3 kernel, then run all its cells."
+    page = browser.new_page(viewport={"width": 1440, "height": 1400})
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{lab}/lab/tree/{notebook}", timeout=30_000)
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=30_000)
+    kernel = page.evaluate(READY_JS)  # the notebook's kernel (python3, from its metadata) connected
+    assert kernel == "python3", f"no python3 kernel in JupyterLab (got {kernel!r})"
+    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells'); null")
+    return page
+
+
 @pytest.mark.browser
 def test_dashboard_updates_in_jupyterlab(chromium, lab, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
@@ -142,14 +154,7 @@ def test_dashboard_updates_in_jupyterlab(chromium, lab, tmp_path):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1440, "height": 1400})
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(f"{lab}/lab/tree/dash.ipynb", timeout=30_000)
-            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=30_000)
-            # the notebook's kernel (python3, from its metadata) connected, then run all cells
-            kernel = page.evaluate(READY_JS)
-            assert kernel == "python3", f"no python3 kernel in JupyterLab (got {kernel!r})"
-            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells'); null")
+            page = open_and_run(browser, lab, "dash.ipynb", errors)
 
             tokens = page.locator(".nvl-token-dashboard .nvl-tokens")
             tokens.wait_for(timeout=40_000)

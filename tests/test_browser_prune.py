@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from test_browser import CHROMIUM_ARGS, NOTEBOOK, READY_JS, chromium, lab  # noqa: F401  (fixtures)
+from test_browser import CHROMIUM_ARGS, NOTEBOOK, chromium, lab, open_and_run  # noqa: F401  (fixtures)
 from test_dash_prune import KEPT, TINY, _by_hand, tiny_set
 
 SHOWN_JS = """() => Array.from(document.querySelectorAll('.nvl-prune-browser .nvl-prune-id'))
@@ -46,12 +46,7 @@ def test_prune_browser_filters_in_jupyterlab(chromium, lab, tmp_path):  # noqa: 
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1440, "height": 1400})
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(f"{lab}/lab/tree/prune.ipynb", timeout=30_000)
-            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=30_000)
-            assert page.evaluate(READY_JS) == "python3"
-            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells'); null")
+            page = open_and_run(browser, lab, "prune.ipynb", errors)
             page.locator(".nvl-prune-browser .nvl-prune-card").first.wait_for(timeout=60_000)
             _wait_shown(page, everything)  # all 8 on the first page, lowest delta_sum first
 
