@@ -15,7 +15,7 @@ PKG = "nvila_lab"
 BIN = Path(sys.executable).parent  # nbdev's scripts live next to the interpreter running pytest
 
 # Modules that only the notebooks' dashboards/plots, the video, GPU and prune extras may use (imported lazily).
-HEAVY = ["ipywidgets", "matplotlib", "decord", "flash_attn", "pyarrow", "sklearn"]
+HEAVY = ["ipywidgets", "matplotlib", "decord", "flash_attn", "pyarrow", "sklearn", "compressed_tensors"]  # torchao: transformers imports it itself when installed
 # Modules allowed to import them (the UI and the command line), and nbdev's index.
 NOT_CORE = {"dash.py", "dash_fp8.py", "dash_prune.py", "cli.py", "_modidx.py"}
 
