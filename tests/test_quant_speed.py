@@ -19,7 +19,7 @@ from torch import nn
 
 from nvila_lab.quant.integer import INT4_KERNELS, QuantError, W4A16Linear, unpack_int4
 from nvila_lab.quant.kernels import (cpu_int4, decode_speed, quantize_llm_w4a16, set_int4_kernel, time_ms,
-                                     triton_int4)
+                                     tinygemm_int4, triton_int4)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "quant_speed.py"
@@ -68,7 +68,7 @@ def test_cpu_kernel_refuses_clearly():
 def test_set_int4_kernel_counts_and_errors():
     m = nn.Sequential(W4A16Linear(64, 32, 32), nn.Linear(4, 4), nn.ModuleList([W4A16Linear(64, 16, 32)] * 1))
     assert set_int4_kernel(m, "cpu") == 2 and m[0].kernel == "cpu" and m[2][0].kernel == "cpu"
-    assert {"reference", "cpu", "triton"} <= set(INT4_KERNELS)
+    assert {"reference", "cpu", "triton", "tinygemm"} <= set(INT4_KERNELS)
     with pytest.raises(QuantError) as e:
         set_int4_kernel(m, "marlin")
     assert "reference" in str(e.value) and "cpu" in str(e.value) and "triton" in str(e.value)
@@ -78,19 +78,24 @@ def test_set_int4_kernel_counts_and_errors():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-side refusal")
 def test_triton_kernel_needs_cuda():
     layer = W4A16Linear.from_float(nn.Linear(128, 64), 64)
-    with pytest.raises(QuantError, match="needs a CUDA GPU"):
-        triton_int4(layer, torch.randn(1, 128))
+    for kernel in (triton_int4, tinygemm_int4):
+        with pytest.raises(QuantError, match="needs a CUDA GPU"):
+            kernel(layer, torch.randn(1, 128))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_triton_kernel_matches_reference_on_cuda():
     torch.manual_seed(0)
     for n, k, g in ((512, 3584, 128), (100, 256, 64)):
-        layer = W4A16Linear.from_float(nn.Linear(k, n, bias=True), g).cuda()
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        want = x.double() @ dense_by_hand(layer.cpu()).cuda().t() + layer.bias.double()
-        layer.kernel = "triton"
-        assert rel(layer(x), want) < 1e-2
+        layer = W4A16Linear.from_float(nn.Linear(k, n, bias=True), g)
+        x = torch.randn(1, k, dtype=torch.bfloat16)
+        want = (x.double() @ dense_by_hand(layer).t() + layer.bias.double()).cuda()  # on the CPU, in float64
+        layer, x = layer.cuda(), x.cuda()
+        for kernel in ("triton", "tinygemm"):
+            if kernel == "tinygemm" and n % 8:
+                continue
+            layer.kernel = kernel
+            assert rel(layer(x), want) < 1e-2, kernel
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
@@ -138,6 +143,29 @@ def test_decode_speed_w4a16_matches_reference_tokens():
         decode_speed(llm, new_tokens=1)
 
 
+def test_static_decode_step_is_one_graph():
+    "No host reads in a static-cache step (what CUDA graph capture needs): dynamo traces it with fullgraph=True."
+    from nvila_lab.config import get_config
+    from nvila_lab.model import build_llm
+    from nvila_lab.quant.kernels import StaticDecoder, _prompt
+    llm = build_llm(get_config("tiny")).eval()
+    torch.manual_seed(2)
+    llm.lm_head.weight = nn.Parameter(torch.randn_like(llm.lm_head.weight))
+    quantize_llm_w4a16(llm, group_size=32, kernel="reference")
+    ids = _prompt(llm, 6, torch.device("cpu"))
+    dec = StaticDecoder(llm, 6, 5, cuda_graph=False)
+    want, _ = dec.run(ids)
+    dec.prefill(ids)
+    traced = torch.compile(dec._step, backend="eager", fullgraph=True)
+    try:
+        with torch.no_grad():
+            for _ in range(4):
+                traced()
+    finally:
+        torch._dynamo.reset()
+    assert dec.out[0, :5].tolist() == want
+
+
 def test_benchmark_quick_writes_json(tmp_path):
     out = tmp_path / "q.json"
     r = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--out", str(out)], cwd=ROOT,
@@ -149,11 +177,12 @@ def test_benchmark_quick_writes_json(tmp_path):
     assert m["device"] == "cpu" and m["device_name"] and m["torch"] == torch.__version__ and m["date"]
     assert res["copy_bandwidth"]["gbps"] > 0
     (llm,) = res["llm"]
-    assert llm["shape"] == "cpu-quick" and llm["kernel"] == "cpu"
-    assert llm["speedup"] > 0 and math.isfinite(llm["speedup"])
-    assert llm["speedup"] == pytest.approx(llm["bf16"]["ms_per_token"] / llm["w4a16"]["ms_per_token"])
-    assert llm["w4a16"]["weight_bytes"] < 0.6 * llm["bf16"]["weight_bytes"]
-    assert llm["logits_vs_reference_kernel"]["cosine"] > 0.999  # the fast kernel computes what the reference does
+    assert llm["shape"] == "cpu-quick" and llm["kernels"] == ["cpu"] and llm["best_kernel"] == "cpu"
+    w = llm["w4a16"]["cpu"]
+    assert w["speedup"] > 0 and math.isfinite(w["speedup"]) and llm["speedup"] == w["speedup"]
+    assert w["speedup"] == pytest.approx(llm["bf16"]["ms_per_token"] / w["ms_per_token"])
+    assert w["weight_bytes"] < 0.6 * llm["bf16"]["weight_bytes"]
+    assert w["logits_vs_reference_kernel"]["cosine"] > 0.999  # the fast kernel computes what the reference does
     assert llm["goal"] is None and llm["pass"] is None  # GPU goals are not judged on a CPU
     t = res["tower"]
     for mode in ("int8", "fp8"):

@@ -24,8 +24,8 @@ from .integer import register_int4_kernel, replace_linears
 
 # %% auto #0
 __all__ = ['CPU_GROUP_SIZES', 'CPU_COMPUTE_DTYPE', 'TRITON_MAX_M', 'tinygemm_scales_and_zeros', 'cpu_int4_pack', 'cpu_int4',
-           'triton_w4_gemv', 'triton_int4', 'set_int4_kernel', 'quantize_llm_w4a16', 'decode_weight_bytes', 'time_ms',
-           'DecodeSpeed', 'StaticDecoder', 'decode_speed']
+           'triton_w4_gemv', 'triton_int4', 'tinygemm_pack', 'tinygemm_int4', 'set_int4_kernel', 'quantize_llm_w4a16',
+           'decode_weight_bytes', 'time_ms', 'DecodeSpeed', 'StaticDecoder', 'decode_speed']
 
 # %% ../../nbs/43_quant_kernels.ipynb #d96e53b4
 _CPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -104,7 +104,7 @@ def _triton_kernel():
                                  (32, 4, 4), (8, 8, 2), (16, 8, 4), (32, 8, 8))]
 
     @triton.jit
-    def w4_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, G, stride_xm,
+    def w4_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, stride_xm,
                 GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
         # one program: BLOCK_N outputs of one row of x, over 1/SPLIT_K of the groups; fp32 partial sums added atomically
         m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -129,11 +129,11 @@ def _triton_kernel():
                 acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         tl.atomic_add(y_ptr + m * N + offs_n, acc, mask=mask_n)
 
-    # on a GPU the block shape and split are tuned per (N, K, group); the CPU interpreter (TRITON_INTERPRET=1, used by
+    # on a GPU the block shape and split are tuned per (M, N, K, group) (M: decode's 1 row is not a prompt's 16); the CPU interpreter (TRITON_INTERPRET=1, used by
     # the tests) has no benchmarker, so it runs one fixed config that still exercises the split-K sums
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     tuned = w4_gemv if interpret else \
-        triton.autotune(configs=configs, key=["N", "K", "GROUP"], reset_to_zero=["y_ptr"])(w4_gemv)
+        triton.autotune(configs=configs, key=["M", "N", "K", "GROUP"], reset_to_zero=["y_ptr"])(w4_gemv)
     fixed = {"BLOCK_N": 16, "SPLIT_K": 2} if interpret else {}
 
     def launch(x2: torch.Tensor, layer: W4A16Linear) -> torch.Tensor:
@@ -141,7 +141,7 @@ def _triton_kernel():
         y = torch.zeros(m, n, device=x2.device, dtype=torch.float32)  # [M, N] fp32 accumulator
         grid = lambda meta: (m, triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
         b = layer.bias if layer.bias is not None else layer.scales  # any pointer when there is no bias
-        tuned[grid](x2, layer.qweight, layer.scales, layer.zeros, b, y, n, k, k // layer.group_size, x2.stride(0),
+        tuned[grid](x2, layer.qweight, layer.scales, layer.zeros, b, y, m, n, k, k // layer.group_size, x2.stride(0),
                       GROUP=layer.group_size, HAS_BIAS=layer.bias is not None, **fixed)
         return y
 
@@ -149,7 +149,7 @@ def _triton_kernel():
     return launch
 
 
-TRITON_MAX_M = 16  # above this many rows (prefill) the GEMV re-reads the weight per row: dequantise + matmul instead
+TRITON_MAX_M = 8  # above this many rows (prefill) the GEMV re-reads the weight per row: dequantise + matmul instead
 
 
 def triton_w4_gemv(layer: W4A16Linear, x2: torch.Tensor) -> torch.Tensor:
@@ -172,6 +172,38 @@ def triton_int4(layer: W4A16Linear, x: torch.Tensor) -> torch.Tensor:
         y = reference_int4(layer, x2)
     else:
         y = triton_w4_gemv(layer, x2).to(x.dtype)
+    return y.reshape(*lead, layer.out_features)
+
+
+def tinygemm_pack(layer: W4A16Linear, inner_k_tiles: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repack `layer` once (cached in `layer._cache`) for PyTorch's CUDA int4 GEMM, the tinygemm kernel torchao's
+    int4 weight-only path runs: uint8 [N, K/2] with column 2i in the *high* nibble (ours has it in the low one), then
+    `_convert_weight_to_int4pack(., inner_k_tiles)`; scales and zeros as for the CPU op, in bf16."""
+    key = ("tinygemm", inner_k_tiles)
+    if key not in layer._cache:
+        n, k = layer.out_features, layer.in_features
+        if n % 8 or k % (inner_k_tiles * 16) or layer.group_size not in CPU_GROUP_SIZES:
+            raise QuantError(f"int4 kernel 'tinygemm' needs N a multiple of 8, K of {inner_k_tiles * 16} and a group "
+                             f"size in {CPU_GROUP_SIZES}; got N={n}, K={k}, group {layer.group_size}: use 'triton'")
+        swapped = (layer.qweight >> 4) | (layer.qweight << 4)  # [N, K/2]: low and high nibbles exchanged
+        packed = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), inner_k_tiles)
+        layer._cache[key] = (packed, tinygemm_scales_and_zeros(layer, torch.bfloat16))
+    return layer._cache[key]
+
+
+@register_int4_kernel("tinygemm")
+def tinygemm_int4(layer: W4A16Linear, x: torch.Tensor) -> torch.Tensor:
+    """PyTorch's CUDA int4 weight-only GEMM (`aten._weight_int4pack_mm`, tinygemm; what torchao's int4 weight-only
+    config calls): a second CUDA path for the benchmark to compare the Triton kernel with. bf16 compute."""
+    if not x.is_cuda:
+        raise QuantError(f"int4 kernel 'tinygemm' needs a CUDA GPU (the input is on {x.device}); "
+                         "on a CPU use kernel 'cpu'")
+    packed, sz = tinygemm_pack(layer)
+    lead, k = x.shape[:-1], x.shape[-1]
+    y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, k).to(torch.bfloat16).contiguous(), packed,
+                                           layer.group_size, sz).to(x.dtype)  # [M, N]
+    if layer.bias is not None:
+        y = y + layer.bias.to(x.dtype)
     return y.reshape(*lead, layer.out_features)
 
 # %% ../../nbs/43_quant_kernels.ipynb #d4d9ac9f
