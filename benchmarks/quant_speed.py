@@ -167,6 +167,7 @@ def llm_rows(shape: str, device: torch.device, kernels: list[str], args, bw: dic
             q = decode_speed(llm, args.new_tokens, args.prompt_len, repeats=args.repeats)
             row.update(q.to_dict())
             row["speedup"] = bf.ms_per_token / q.ms_per_token
+            row["bytes_ratio"] = bf.weight_bytes / q.weight_bytes  # the bandwidth-bound ceiling of the speed-up
             row["tokens_agree_with_bf16"] = sum(a == b for a, b in zip(bf.tokens, q.tokens)) / len(bf.tokens)
             if bw:
                 row["fraction_of_copy_bandwidth"] = q.effective_gbps / bw["gbps"]
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
             for k, w in r["w4a16"].items():
                 if "speedup" in w:
                     print(f"  W4A16 {k}: {w['tokens_per_s']:.1f} tok/s ({w['effective_gbps']:.0f} GB/s, {w['mode']}): "
-                          f"{w['speedup']:.2f}x | logits vs reference kernel cos "
+                          f"{w['speedup']:.2f}x (bytes {w['bytes_ratio']:.2f}x) | logits vs reference kernel cos "
                           f"{w['logits_vs_reference_kernel']['cosine']:.5f}" + (f" | {w['note']}" if w.get("note") else ""))
                 else:
                     print(f"  W4A16 {k}: {w.get('note')}")

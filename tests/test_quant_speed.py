@@ -182,6 +182,7 @@ def test_benchmark_quick_writes_json(tmp_path):
     assert w["speedup"] > 0 and math.isfinite(w["speedup"]) and llm["speedup"] == w["speedup"]
     assert w["speedup"] == pytest.approx(llm["bf16"]["ms_per_token"] / w["ms_per_token"])
     assert w["weight_bytes"] < 0.6 * llm["bf16"]["weight_bytes"]
+    assert w["bytes_ratio"] == pytest.approx(llm["bf16"]["weight_bytes"] / w["weight_bytes"])
     assert w["logits_vs_reference_kernel"]["cosine"] > 0.999  # the fast kernel computes what the reference does
     assert llm["goal"] is None and llm["pass"] is None  # GPU goals are not judged on a CPU
     t = res["tower"]
