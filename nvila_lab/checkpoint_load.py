@@ -446,6 +446,9 @@ def load_nvila(path, device=None, dtype=None, strict: bool = True) -> NVILAModel
     every tensor's name and shape is checked against the model the folder's configs describe. The tokens added
     to a released tokenizer are listed in `model.added_tokens`."""
     layout = _layout(path)
+    if "quantization" in layout.config:  # written by `nvila-lab quantize` (notebook 44): other weight formats
+        raise CheckpointError(f"{layout.root} is a quantised checkpoint ({layout.config['quantization'].get('summary')}); "
+                              "load it with nvila_lab.quant.export.load_model (the CLI's eval and ask do)")
     cfg = _config_of(layout)
     device = torch.device(device) if device is not None else torch.device("cpu")
     dtype = _parse_dtype(dtype) or _parse_dtype(layout.config.get("model_dtype")) or torch.float32

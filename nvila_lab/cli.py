@@ -423,13 +423,13 @@ def _checkpoint_dir(prog: str, path: str):
 
 
 def _load_model(prog: str, path, device: str | None):
-    "`load_nvila(path, device=device)`, with every loading problem as a `UsageError`."
+    "`load_model(path, device=device)` (a float or a quantised checkpoint), with every loading problem as a `UsageError`."
     try:
-        from nvila_lab.checkpoint import load_nvila
+        from nvila_lab.quant.export import load_model
     except ImportError as e:
-        raise UsageError(prog, f"cannot load checkpoints: nvila_lab.checkpoint is unavailable ({_one_line(e)})") from None
+        raise UsageError(prog, f"cannot load checkpoints: nvila_lab.quant.export is unavailable ({_one_line(e)})") from None
     try:
-        return load_nvila(path, device=device)
+        return load_model(path, device=device)
     except (ValueError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError; a bad --device a RuntimeError
         hint = ("; if a plug-in defines it, add --import FILE_OR_MODULE" if "unknown compressor" in str(e) else "")
         raise UsageError(prog, f"cannot load the checkpoint: {_one_line(e)}{hint}") from None
@@ -871,6 +871,64 @@ def _run_prune(args, out, err) -> int:
         print(prune_table(res.counts), file=out)
     return 0
 
+# %% ../nbs/80_cli.ipynb #33ac67e0
+def _alpha_arg(text: str):
+    "An argparse `type`: a number in [0, 1] or the word 'search'."
+    if text == "search":
+        return text
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'search', got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"alpha must be in [0, 1] (0.3 is NVILA's demo, 0.5 the paper's), got {text}")
+    return v
+
+
+def _add_quantize(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "quantize", help="quantise a checkpoint: W8A8/FP8 vision tower, W4A16 AWQ/RTN LLM, same layout",
+        description="Calibrate on --calib, quantise the vision tower (SmoothQuant W8A8 INT8, or FP8 E4M3) and the "
+                    "LLM (AWQ or round-to-nearest uint4 with zero points, per group), and write a checkpoint folder "
+                    "in NVILA's layout to --out; its llm/ is compressed-tensors pack-quantized (transformers, vLLM). "
+                    "`nvila-lab eval` and `ask` load it unchanged. The source checkpoint is only read.",
+        epilog="example:  nvila-lab quantize --checkpoint data_samples/checkpoints/nano-nvila --vit w8a8 --llm awq4 "
+               "--calib data_samples/vqa --out runs/nano-w8a8-awq4 --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", metavar="DIR", required=True, help="the float checkpoint folder to quantise")
+    p.add_argument("--vit", metavar="KIND", default="w8a8", help="vision tower: w8a8 (default), fp8 or none")
+    p.add_argument("--llm", metavar="KIND", default="awq4", help="LLM: awq4 (default), rtn4 or none")
+    p.add_argument("--group-size", type=_positive_int, metavar="G", default=128,
+                   help="input channels per int4 group (default 128; must divide every layer's width)")
+    p.add_argument("--alpha", type=_alpha_arg, metavar="A", default=0.3,
+                   help="SmoothQuant migration strength in [0, 1] (default 0.3), or 'search' for one per layer")
+    p.add_argument("--calib", metavar="DIR", action="append", default=None,
+                   help="a data folder of calibration images/videos with questions and answers (repeatable)")
+    p.add_argument("--n-calib", type=_positive_int, metavar="N", default=32, help="calibration rows (default 32)")
+    p.add_argument("--out", metavar="DIR", required=True, help="a new folder for the quantised checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is an existing checkpoint")
+    p.add_argument("--json", action="store_true", help="print one JSON object (settings, per-part error figures)")
+    return p
+
+
+def _run_quantize(args, out, err) -> int:
+    prog = "nvila-lab quantize"
+    ckpt = _checkpoint_dir(prog, args.checkpoint)
+    from nvila_lab.quant.export import quantize_checkpoint
+    try:
+        res = quantize_checkpoint(ckpt, args.out, vit=args.vit, llm=args.llm, group_size=args.group_size,
+                                  alpha=args.alpha, calib=args.calib, n_calib=args.n_calib, overwrite=args.overwrite,
+                                  progress=_is_tty(err))
+    except (ValueError, OSError) as e:  # QuantError, CheckpointError, DatasetError: one line each
+        raise UsageError(prog, _one_line(e)) from None
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=2), file=out)
+    else:
+        print(f"wrote {res.path} from {res.source}", file=out)
+        for r in res.reports:
+            print(f"  {r!r}", file=out)
+    return 0
+
 # %% ../nbs/80_cli.ipynb #890cac6d
 # Each command: name -> (add its subparser, run it).
 COMMANDS = {
@@ -882,6 +940,7 @@ COMMANDS = {
     "train": (_add_train, _run_train),
     "fp8": (_add_fp8, _run_fp8),
     "prune": (_add_prune, _run_prune),
+    "quantize": (_add_quantize, _run_quantize),
 }
 
 
