@@ -337,5 +337,5 @@ def load_model(path, device=None):
     "Load any checkpoint folder: a quantised one with `load_quantized`, a float one with `load_nvila`."
     if is_quantized(path):
         return load_quantized(path, device=device)
-    from nvila_lab.checkpoint_load import load_nvila
+    from nvila_lab.checkpoint import load_nvila  # the public entry point (what tests and plug-ins patch)
     return load_nvila(path, device=device)
