@@ -58,7 +58,7 @@ $(STAMP): pyproject.toml $(VENV)/pyvenv.cfg
 	@echo "==> setup done"
 
 lab: setup
-	$(VENV)/bin/jupyter lab nbs/ --ip=127.0.0.1 --no-browser $(ROOT_FLAG) $(LAB_ARGS)
+	$(VENV)/bin/jupyter lab nbs/ --ip=127.0.0.1 --no-browser --LabApp.app_settings_dir=$(CURDIR)/nbs/.jupyter/lab/settings $(ROOT_FLAG) $(LAB_ARGS)
 
 # The dashboard's real-browser test drives Debian's chromium through Playwright (never `playwright install`).
 # As root with apt-get (containers, CI) it is installed here; elsewhere the test skips with a note.

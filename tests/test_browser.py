@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+# The kit's JupyterLab settings override (overrides.json: no news popup, no update check); `make lab` passes the same.
+LAB_SETTINGS_DIR = Path(__file__).resolve().parent.parent / "nbs" / ".jupyter" / "lab" / "settings"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 NOTEBOOK = {
@@ -86,23 +88,21 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture
 def lab(tmp_path):
-    "A JupyterLab server over tmp_path/root, with the news and update checks off; yields its base URL."
+    """A JupyterLab server over tmp_path/root with empty user settings and the repo's settings override (news and
+    update checks off, as `make lab` runs it); yields its base URL."""
     pytest.importorskip("jupyterlab")
     pytest.importorskip("ipywidgets")
     root = tmp_path / "root"
     root.mkdir()
     (root / "dash.ipynb").write_text(json.dumps(NOTEBOOK))
-    settings = tmp_path / "settings" / "@jupyterlab" / "apputils-extension"
-    settings.mkdir(parents=True)
-    (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false",
-                                                                         "checkForUpdates": False}))
     env = {**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"),
            "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
            "MPLBACKEND": "Agg"}
     port = _free_port()
     cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
            "--ServerApp.port_retries=0", "--ServerApp.token=", "--ServerApp.password=",
-           f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True"]
+           f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
+           f"--LabApp.app_settings_dir={LAB_SETTINGS_DIR}"]
     if os.getuid() == 0:
         cmd.append("--allow-root")
     log = tmp_path / "jupyterlab.log"
