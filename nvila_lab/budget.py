@@ -17,25 +17,42 @@ from .config import ConfigError, NVILAConfig, did_you_mean, get_config
 from .tiling import TilePlan, parse_size, plan_image, plan_prompt, plan_resize
 
 # %% auto #0
-__all__ = ['BUILTIN_ARITHMETIC', 'BUILTIN_ALIASES', 'TAILS', 'TEMPORAL_SETTINGS', 'vit_flops_per_pass', 'llm_prefill_flops',
-           'check_positive', 'image_pool_grid', 'segment_cost', 'grouped_frames', 'temporal_cost', 'TokenBudget',
-           'image_budget', 'video_budget', 'prompt_budget', 'anyres_tokens', 'qwen2vl_tokens']
+__all__ = ['BUILTIN_ARITHMETIC', 'BUILTIN_ALIASES', 'TAILS', 'TEMPORAL_SETTINGS', 'vit_flops_parts', 'vit_flops_per_pass',
+           'llm_flops_parts', 'llm_prefill_flops', 'check_positive', 'image_pool_grid', 'segment_cost',
+           'grouped_frames', 'temporal_cost', 'TokenBudget', 'image_budget', 'video_budget', 'prompt_budget',
+           'anyres_tokens', 'qwen2vl_tokens']
 
 # %% ../nbs/06_budget.ipynb #919e6c04
+def vit_flops_parts(cfg: NVILAConfig) -> dict[str, int]:
+    """FLOPs of one vision-tower pass over a tile, by kind: `embed` (the patch convolution), `linear` (q, k, v, out,
+    fc1, fc2 of every layer: what a W8A8 tower runs in 8 bits) and `attention` (QK^T and AV: they stay 16-bit)."""
+    n, d, m, p = cfg.patches_per_side ** 2, cfg.vision_hidden, cfg.vision_intermediate, cfg.patch_size
+    return {"embed": 2 * n * 3 * p * p * d,
+            "linear": cfg.vision_layers * (2 * n * 4 * d * d + 2 * n * 2 * d * m),
+            "attention": cfg.vision_layers * 2 * 2 * n * n * d}
+
+
 def vit_flops_per_pass(cfg: NVILAConfig) -> int:
     "FLOPs of one vision-tower pass over a tile (all layers run; features are read from `select_layer`)."
-    n, d, m, p = cfg.patches_per_side ** 2, cfg.vision_hidden, cfg.vision_intermediate, cfg.patch_size
-    embed = 2 * n * 3 * p * p * d
-    layer = 2 * n * 4 * d * d + 2 * n * 2 * d * m + 2 * 2 * n * n * d
-    return embed + cfg.vision_layers * layer
+    return sum(vit_flops_parts(cfg).values())
+
+
+def llm_flops_parts(cfg: NVILAConfig, positions: int, past: int = 0) -> dict[str, int]:
+    """FLOPs of a Qwen2 forward over `positions` new tokens after `past` cached ones, by kind: `linear` (the seven
+    projections of every layer: the weights a W4A16 LLM stores in 4 bits), `attention` (scores and values over
+    past + new keys, counted dense as the eager kernel computes them) and `lm_head` (the next token only).
+    A prefill is `past=0`; one decode step is `positions=1, past=L`."""
+    P, D, F = positions, cfg.llm_hidden, cfg.llm_intermediate
+    kv = cfg.llm_kv_heads * cfg.llm_head_dim
+    return {"linear": cfg.llm_layers * (2 * P * D * D * 2 + 2 * P * D * kv * 2 + 2 * P * D * F * 3),
+            "attention": cfg.llm_layers * 2 * 2 * P * (past + P) * D,
+            "lm_head": 2 * D * cfg.vocab_size}
 
 
 def llm_prefill_flops(cfg: NVILAConfig, positions: int) -> int:
     "FLOPs of a Qwen2 prefill over `positions` tokens (dense attention count) plus the LM head for the next token."
-    P, D, F = positions, cfg.llm_hidden, cfg.llm_intermediate
-    kv = cfg.llm_kv_heads * cfg.llm_head_dim
-    layer = 2 * P * D * D * 2 + 2 * P * D * kv * 2 + 2 * P * D * F * 3 + 2 * 2 * P * P * D
-    return cfg.llm_layers * layer + 2 * D * cfg.vocab_size
+    return sum(llm_flops_parts(cfg, positions).values())
+
 
 # %% ../nbs/06_budget.ipynb #a20f4ce4
 def check_positive(name: str, **values) -> None:

@@ -20,7 +20,7 @@ from .config import MissingExtra, get_config, list_presets, llm_params, parse_se
 
 # %% auto #0
 __all__ = ['FP8_RECIPES', 'COMMANDS', 'UsageError', 'import_plugin', 'configure', 'budget_table', 'preset_summary', 'task_table',
-           'fp8_report', 'fp8_block', 'prune_table', 'build_parser', 'main']
+           'fp8_report', 'fp8_block', 'prune_table', 'latency_table', 'build_parser', 'main']
 
 # %% ../nbs/80_cli.ipynb #0e9c41b1
 class UsageError(Exception):
@@ -929,6 +929,83 @@ def _run_quantize(args, out, err) -> int:
             print(f"  {r!r}", file=out)
     return 0
 
+# %% ../nbs/80_cli.ipynb #4dfba3bd
+def _add_latency(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "latency", help="predicted (and measured) latency per stage of one request on a named device",
+        description="Roofline prediction of the vision tower, projector, LLM prefill and one decode step of a preset "
+                    "on a device, for an image or a video, with the tower and the LLM at the given precisions; "
+                    "time to first token, decode tokens/s and memory. --measure times the stages here too.",
+        epilog="examples:  nvila-lab latency --preset nvila-8b --device h100 --image 1344x896 --llm w4a16\n"
+               "           nvila-lab latency --preset nvila-8b-video --device rtx4090 --video --frames 64 "
+               "--vit w8a8 --llm w4a16 --json\n"
+               "           nvila-lab latency --preset tiny --device cpu --image 448x448 --measure",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", metavar="NAME", default="nvila-8b", help="preset (default nvila-8b)")
+    p.add_argument("--device", metavar="NAME", default="h100",
+                   help="h100 (default), h200, a100, rtx4090, l4, jetson-orin or cpu")
+    p.add_argument("--image", metavar="WxH", default=None, help="image size (default 1344x896)")
+    p.add_argument("--video", action="store_true", help="a video instead of an image")
+    p.add_argument("--frames", type=_positive_int, metavar="N", default=None,
+                   help="video frames (default: the preset's num_video_frames)")
+    p.add_argument("--vit", metavar="P", default="bf16", help="vision tower precision: bf16 (default), w8a8, fp8")
+    p.add_argument("--llm", metavar="P", default="bf16", help="LLM precision: bf16 (default), w4a16")
+    p.add_argument("--new-tokens", type=_positive_int, metavar="N", default=128, help="answer length (default 128)")
+    p.add_argument("--measure", action="store_true", help="also measure the stages on this machine (random weights)")
+    p.add_argument("--repeats", type=_positive_int, metavar="N", default=5, help="timed runs with --measure (default 5)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def latency_table(d: dict) -> str:
+    "Stages, predicted (and measured) ms, and the totals, as `nvila-lab latency` prints them."
+    meas = d.get("measured") or {}
+    lines = [f"{d['preset']} on {d['device']}, {d['input']}, ViT {d['vit']} / LLM {d['llm']}: "
+             f"{d['visual_tokens']} visual tokens, {d['llm_positions']} LLM positions",
+             f"{'stage':18s} {'predicted ms':>12s} {'bound':>8s}" + (f" {'measured ms':>12s}" if meas else "")]
+    if "preprocess" in meas:  # image loading and tiling: measured, not modelled
+        lines.append(f"{'preprocess':18s} {'-':>12s} {'':>8s} {meas['preprocess']:12.3f}")
+    for k, v in d["stages"].items():
+        lines.append(f"{k:18s} {v:12.3f} {d['bound'][k]:>8s}" + (f" {meas[k]:12.3f}" if k in meas else ""))
+    lines.append(f"time to first token {d['ttft_ms']:.1f} ms, decode {d['decode_tokens_per_s']:.1f} tokens/s, "
+                 f"memory {d['memory_gb']:.2f} GB (predicted)")
+    return "\n".join(lines)
+
+
+def _run_latency(args, out, err) -> int:
+    prog = "nvila-lab latency"
+    from nvila_lab.latency import predict_latency
+    if args.video and args.image:
+        raise UsageError(prog, "give --image WxH or --video [--frames N], not both")
+    if args.frames is not None and not args.video:
+        raise UsageError(prog, "--frames applies to a video; add --video")
+    image = None if args.video else (args.image or "1344x896")
+    if args.video:
+        frames = args.frames if args.frames is not None else get_config(args.preset).num_video_frames
+    else:
+        frames = None
+    try:
+        pred = predict_latency(args.preset, args.device, image=image, video_frames=frames, vit=args.vit, llm=args.llm,
+                               new_tokens=args.new_tokens)
+    except ValueError as e:  # ConfigError: an unknown preset, device or precision (the message lists the choices)
+        raise UsageError(prog, _one_line(e)) from None
+    d = pred.to_dict()
+    if args.measure:
+        from nvila_lab.latency_measure import measure_preset
+        try:
+            m = measure_preset(args.preset, image or "448x448", frames, args.vit, args.llm,
+                               new_tokens=min(args.new_tokens, 16), repeats=args.repeats)
+        except ValueError as e:
+            raise UsageError(prog, _one_line(e)) from None
+        d["measured"] = {k: v.median_ms for k, v in m.stages.items()}
+        d["measured_device"] = m.device
+        d["measured_ttft_ms"] = m.ttft_ms
+    if args.json:
+        print(json.dumps(d, indent=2), file=out)
+    else:
+        print(latency_table(d), file=out)
+    return 0
+
 # %% ../nbs/80_cli.ipynb #890cac6d
 # Each command: name -> (add its subparser, run it).
 COMMANDS = {
@@ -941,6 +1018,7 @@ COMMANDS = {
     "fp8": (_add_fp8, _run_fp8),
     "prune": (_add_prune, _run_prune),
     "quantize": (_add_quantize, _run_quantize),
+    "latency": (_add_latency, _run_latency),
 }
 
 

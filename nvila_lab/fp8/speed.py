@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nvila_lab
+from ..hardware import HARDWARE
 from ..config import ConfigError, NVILAConfig, did_you_mean, get_config, list_presets
 
 # %% auto #0
@@ -64,10 +65,10 @@ class Device:
                 f"{self.bandwidth / 1e12:.2f} TB/s, attention {self.attn_flops / 1e12:.0f} TF, floor {self.op_floor_us:g} us)")
 
 
-DEVICES: dict[str, Device] = {
-    "h100": Device("H100 SXM", bf16_tflops=989, fp8_tflops=1979, hbm_tbps=3.35),
-    "h200": Device("H200", bf16_tflops=989, fp8_tflops=1979, hbm_tbps=4.8),
-}
+# the FP8-capable training GPUs of the kit's hardware table (notebook 06a: one table, with sources)
+DEVICES: dict[str, Device] = {k: Device(HARDWARE[k].name, bf16_tflops=HARDWARE[k].bf16_tflops,
+                                        fp8_tflops=HARDWARE[k].fp8_tflops, hbm_tbps=HARDWARE[k].mem_tbps)
+                              for k in ("h100", "h200")}
 
 
 def get_device(device: str | Device = "h200") -> Device:
