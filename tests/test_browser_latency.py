@@ -3,7 +3,7 @@
 Reuses tests/test_browser.py's fixtures (a JupyterLab server on 127.0.0.1 over a temporary folder, started with
 the repo's settings override as `make lab` is; Debian's chromium or a clean skip; Playwright's own browser
 download is never used). The notebook builds a LatencyDashboard; the test moves a device dropdown, a precision
-dropdown and the image-width slider (by keyboard), reads the TTFT and decode tokens/s shown on the page and checks
+dropdown, the image-width slider and (after picking a video preset) the frames slider, by keyboard, reads the TTFT and decode tokens/s shown on the page and checks
 them against `nvila-lab latency ... --json` for the same settings, within the display's rounding (half a unit of
 the last digit shown). It also checks that fp8 on an A100 shows the CLI's own error, that the accuracy tab lists
 the saved Table 7 rows, and that JupyterLab's news question never appears. Screenshots of each step go to
@@ -139,9 +139,23 @@ def test_latency_dashboard_matches_the_cli_in_jupyterlab(chromium, lab, tmp_path
                                    " return e && m.includes(e.textContent.trim()) && e.textContent.trim().length > 10; }",
                                    arg=message, timeout=15_000)
             assert page.evaluate(SHOWN_JS, "nvila-ttft") == "\u2013"
+
             snap(page, shots / "4-a100-fp8-refused.png")
             dropdown(4).select_option(label="w8a8")
             wait_for_numbers(page, expected(LatencySettings(device="a100", vit="w8a8", llm="w4a16", image=(896, 896))))
+
+            # a video preset switches the input to video (its 256 frames, p = 8); then 8 more frames by keyboard
+            dropdown(0).select_option(label="nvila-8b-video")
+            v = dict(preset="nvila-8b-video", device="a100", vit="w8a8", llm="w4a16")
+            wait_for_numbers(page, expected(LatencySettings(**v, video_frames=256)))
+            frames = page.locator(f"{DASH} .widget-slider .noUi-handle").nth(2)  # width, height, frames, new tokens
+            frames.focus()
+            for _ in range(8):
+                frames.press("ArrowRight")
+            page.wait_for_function(f"document.querySelectorAll('{DASH} .widget-slider .widget-readout')[2].textContent"
+                                   ".trim() === '264'", timeout=15_000)
+            wait_for_numbers(page, expected(LatencySettings(**v, video_frames=264)))
+            snap(page, shots / "5-video-264-frames.png")
 
             # the accuracy tab: Table 7's six saved rows and Table 1's settings
             page.locator(f"{DASH} .lm-TabBar-tab", has_text="accuracy vs latency").click()
@@ -150,7 +164,7 @@ def test_latency_dashboard_matches_the_cli_in_jupyterlab(chromium, lab, tmp_path
             text = page.locator(f"{DASH} .nvila-quant-table").inner_text()
             assert all(r["label"] in text for r in rows), text
             assert "TokenLearner" in page.locator(f"{DASH} .nvila-table1-table").inner_text()
-            snap(page, shots / "5-accuracy-vs-latency.png")
+            snap(page, shots / "6-accuracy-vs-latency.png")
 
             # the repo's settings override reached JupyterLab: no news question, ever
             fetch_news = page.evaluate("async () => (await (await fetch('/lab/api/settings/"
@@ -161,4 +175,4 @@ def test_latency_dashboard_matches_the_cli_in_jupyterlab(chromium, lab, tmp_path
         finally:
             browser.close()
     assert not [e for e in errors if "widget" in e.lower()], errors
-    assert len(list(shots.glob("*.png"))) >= 5
+    assert len(list(shots.glob("*.png"))) >= 6

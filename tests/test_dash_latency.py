@@ -97,8 +97,11 @@ def test_fp8_on_a100_shows_the_models_message(dash):
     assert dash.message == str(e.value) and "no FP8 units" in dash.msg.value
     assert dash.numbers is None and dash.prediction is None
     assert shown(dash.summary.value, "nvila-ttft") == "\u2013"  # no stale number under the new setting
+    assert dash._fig.texts[0].get_text() == "refused: " + str(e.value)  # nor a stale chart
+    assert not dash._fig.axes
     assert "a100" in repr(dash) and "refused" in repr(dash)
     dash.vit.value = "w8a8"  # back to a setting it accepts
+    assert len(dash._fig.axes) == 1 and not dash._fig.texts
     assert dash.message == "" and dash.numbers["ttft_ms"] == predict_latency("nvila-8b", "a100", vit="w8a8").ttft_ms
     for device in ("jetson-orin",):
         dash.device.value, dash.vit.value = device, "fp8"
