@@ -138,6 +138,9 @@ def test_latency_dashboard_matches_the_cli_in_jupyterlab(chromium, lab, tmp_path
             page.wait_for_function("(m) => { const e = document.querySelector('" + DASH + " .nvila-message');"
                                    " return e && m.includes(e.textContent.trim()) && e.textContent.trim().length > 10; }",
                                    arg=message, timeout=15_000)
+            # the numbers are replaced by dashes (they may update a moment after the message: wait, do not race)
+            page.wait_for_function("() => { const e = document.querySelector('" + DASH + " .nvila-ttft');"
+                                   " return e && e.textContent.trim() === '\u2013'; }", timeout=15_000)
             assert page.evaluate(SHOWN_JS, "nvila-ttft") == "\u2013"
 
             snap(page, shots / "4-a100-fp8-refused.png")
