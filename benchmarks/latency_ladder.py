@@ -12,6 +12,7 @@ calibrates on and the latency dashboard overlays).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nvila_lab.config import get_config  # noqa: E402
+from nvila_lab.hardware import HARDWARE  # noqa: E402
 from nvila_lab.latency import predict_latency  # noqa: E402
 
 IMAGE = "1344x896"
@@ -61,7 +63,14 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     t0 = time.time()
     gpu = torch.cuda.is_available() and not a.dry_run
-    dev_key = "h200" if not gpu else ("h100" if "H100" in torch.cuda.get_device_name() else "h200")
+    dev_key = "h200"  # the lent machine's GPU; a dry run predicts for it
+    if gpu:
+        flat = torch.cuda.get_device_name().lower().replace(" ", "").replace("-", "")
+        hits = [k for k in HARDWARE if k != "cpu" and k.replace("-", "").replace("jetson", "") in flat]
+        dev_key = max(hits, key=len) if hits else None
+        if dev_key is None:
+            raise SystemExit(f"{torch.cuda.get_device_name()} is not in the hardware table (nvila_lab/hardware.py); "
+                             "add its row to compare the prediction")
     rows, records = [], []
     for row in ladder():
         out = {k: row[k] for k in ("kind", "label", "vit", "llm")} | {"preset": row["cfg"].name,
@@ -75,7 +84,8 @@ def main(argv=None) -> int:
                                    row["llm"], new_tokens=16, warmup=2, repeats=a.repeats, device="cuda")
                 out["measured"] = {k: v.median_ms for k, v in m.stages.items()} | {"ttft_ms": m.ttft_ms,
                                                                                    "peak_memory_gb": m.peak_memory_bytes / 1e9}
-                records += [r | {"label": row["label"], "kind": row["kind"]} for r in m.records()]
+                records += [r | {"label": row["label"], "kind": row["kind"], "config": dataclasses.asdict(row["cfg"])}
+                            for r in m.records()]
             except Exception as e:  # one failing row is a note, not a lost run
                 out["measured"] = None
                 out["note"] = f"{type(e).__name__}: {e}"

@@ -41,7 +41,8 @@ QUICK_ROWS = ["bf16", "W4A16 AWQ", "W8A8 + W4A16 AWQ"]
 PAPER = {"bf16": {"AI2D": 91.0, "MMMU": 50.7, "VideoMME": 63.9, "ttft_s": 0.90},
          "W4A16 AWQ": {"AI2D": 90.9, "MMMU": 49.2, "VideoMME": 62.0, "ttft_s": 0.77},
          "W8A8 + W4A16 AWQ": {"AI2D": 90.9, "MMMU": 49.3, "VideoMME": 62.1, "ttft_s": 0.65}}
-TOLERANCE = 0.05  # "keeps accuracy": within 5 points of bf16 (the paper's worst drop is 1.9 points)
+TOLERANCE = 0.05  # "keeps accuracy": within 5 points of bf16 (the paper's worst drop is 1.9 points; our 200 questions
+#                   resolve about +-2.5) and no more questions lost than the paired sign test's noise band
 
 
 def build(base, calib_media, llm_calib, vit: str, llm: str, alpha: float) -> tuple[object, dict]:
@@ -85,14 +86,23 @@ def cpu_name() -> str:
 def verdict(res: dict) -> list[dict]:
     "Paper vs kit, claim by claim."
     acc = {r["label"]: r["accuracy"] for r in res["rows"]}
+    rows = {r["label"]: r for r in res["rows"]}
     base = acc["bf16"]
     out = []
     for label in ("W4A16 AWQ", "W8A8 + W4A16 AWQ"):
         if label in acc:
             d = acc[label] - base
+            a, r = set(rows[label].get("right_ids", [])), set(rows["bf16"].get("right_ids", []))
+            lost, gained = len(r - a), len(a - r)  # paired: questions bf16 answers and the quantised model does not
+            band = 2 * (lost + gained) ** 0.5
+            tasks = ", ".join(f"{t} {100 * (rows[label]['tasks'][t] - rows['bf16']['tasks'][t]):+.0f}"
+                              for t in rows["bf16"]["tasks"])
             out.append({"claim": f"{label} keeps bf16 accuracy", "paper": "within 1.9 points on AI2D/MMMU/VideoMME",
-                        "kit": f"{d * 100:+.1f} points ({acc[label]:.1%} vs {base:.1%})",
-                        "verdict": "reproduces" if abs(d) <= TOLERANCE else "does not"})
+                        "kit": f"{d * 100:+.1f} points ({acc[label]:.1%} vs {base:.1%}; per task {tasks}); "
+                               f"{lost} question(s) lost, {gained} gained (sign-test band +-{band:.1f})",
+                        "verdict": ("does not" if abs(d) > TOLERANCE or lost - gained > band else
+                                    "borderline (at the edge of the noise band)" if lost - gained >= 0.75 * band else
+                                    "reproduces")})
     by = {r["label"]: r for r in res["rows"]}
     if "W4A16 RTN" in by and "W4A16 AWQ" in by:
         awq, rtn = by["W4A16 AWQ"], by["W4A16 RTN"]

@@ -961,7 +961,13 @@ def latency_table(d: dict) -> str:
     "Stages, predicted (and measured) ms, and the totals, as `nvila-lab latency` prints them."
     meas = d.get("measured") or {}
     lines = [f"{d['preset']} on {d['device']}, {d['input']}, ViT {d['vit']} / LLM {d['llm']}: "
-             f"{d['visual_tokens']} visual tokens, {d['llm_positions']} LLM positions",
+             f"{d['visual_tokens']} visual tokens, {d['llm_positions']} LLM positions"]
+    if meas:
+        same = (d.get("hardware") == "cpu") == (d.get("measured_device_kind") == "cpu")
+        lines.append(f"measured on {d.get('measured_device')}" + ("" if same else
+                     f" -- not the predicted device ({d['device']}): compare with --device "
+                     f"{'cpu' if d.get('measured_device_kind') == 'cpu' else 'NAME'}"))
+    lines += [
              f"{'stage':18s} {'predicted ms':>12s} {'bound':>8s}" + (f" {'measured ms':>12s}" if meas else "")]
     if "preprocess" in meas:  # image loading and tiling: measured, not modelled
         lines.append(f"{'preprocess':18s} {'-':>12s} {'':>8s} {meas['preprocess']:12.3f}")
@@ -969,6 +975,8 @@ def latency_table(d: dict) -> str:
         lines.append(f"{k:18s} {v:12.3f} {d['bound'][k]:>8s}" + (f" {meas[k]:12.3f}" if k in meas else ""))
     lines.append(f"time to first token {d['ttft_ms']:.1f} ms, decode {d['decode_tokens_per_s']:.1f} tokens/s, "
                  f"memory {d['memory_gb']:.2f} GB (predicted)")
+    if meas:
+        lines.append(f"measured time to first token {d['measured_ttft_ms']:.1f} ms (preprocess included)")
     return "\n".join(lines)
 
 
@@ -980,11 +988,8 @@ def _run_latency(args, out, err) -> int:
     if args.frames is not None and not args.video:
         raise UsageError(prog, "--frames applies to a video; add --video")
     image = None if args.video else (args.image or "1344x896")
-    if args.video:
-        frames = args.frames if args.frames is not None else get_config(args.preset).num_video_frames
-    else:
-        frames = None
     try:
+        frames = (args.frames if args.frames is not None else get_config(args.preset).num_video_frames) if args.video else None
         pred = predict_latency(args.preset, args.device, image=image, video_frames=frames, vit=args.vit, llm=args.llm,
                                new_tokens=args.new_tokens)
     except ValueError as e:  # ConfigError: an unknown preset, device or precision (the message lists the choices)
@@ -995,11 +1000,12 @@ def _run_latency(args, out, err) -> int:
         try:
             m = measure_preset(args.preset, image or "448x448", frames, args.vit, args.llm,
                                new_tokens=min(args.new_tokens, 16), repeats=args.repeats)
-        except ValueError as e:
+        except (ValueError, RuntimeError) as e:  # a preset too large here; repeats that disagree
             raise UsageError(prog, _one_line(e)) from None
         d["measured"] = {k: v.median_ms for k, v in m.stages.items()}
         d["measured_device"] = m.device
-        d["measured_ttft_ms"] = m.ttft_ms
+        d["measured_device_kind"] = m.device_kind
+        d["measured_ttft_ms"] = m.ttft_ms  # includes preprocess (the prediction's ttft_ms does not)
     if args.json:
         print(json.dumps(d, indent=2), file=out)
     else:
@@ -1062,8 +1068,8 @@ def main(argv: list[str] | None = None) -> int:
     except MissingExtra as e:  # an optional package a command needs: one line naming the extra to install
         print(f"nvila-lab{' ' + command if command else ''}: error: {_one_line(e)}", file=err)
         return 2
-    except ValueError as e:  # parse_size on a negative size read as an option
-        print(f"nvila-lab budget: error: {e}", file=err)
+    except ValueError as e:  # e.g. parse_size on a negative size read as an option
+        print(f"nvila-lab{' ' + command if command else ''}: error: {_one_line(e)}", file=err)
         return 2
     except SystemExit as e:  # --help and --version print, then exit 0
         return e.code if isinstance(e.code, int) else 0

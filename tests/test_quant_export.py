@@ -164,8 +164,11 @@ def test_bad_inputs(work):
     one_line_error(cli("quantize", "--checkpoint", src, "--alpha", "1.5", "--calib", calib, "--out", d / "b6"),
                    "[0, 1]")
     one_line_error(cli("quantize", "--checkpoint", src, "--vit", "int4", "--calib", calib, "--out", d / "b7"), "w8a8")
+    # a folder inside the source: refused before anything is written there
+    one_line_error(cli("quantize", "--checkpoint", src, "--calib", calib, "--out", src / "sub"), "inside it")
     for b in ("b1", "b2", "b3", "b4", "b5", "b6", "b7"):
         assert not (d / b).exists()
+    assert not (src / "sub").exists()
     assert digest(src) == work["before"]
 
 

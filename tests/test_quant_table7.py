@@ -24,9 +24,12 @@ def test_quick_run(tmp_path, root):
     assert by["bf16"]["accuracy"] >= 0.5  # the float model answers; otherwise "keeps accuracy" means nothing
     assert by["W4A16 AWQ"]["reports"]["llm"]["method"] == "awq" and "vision_tower" not in by["W4A16 AWQ"]["reports"]
     assert by["W8A8 + W4A16 AWQ"]["reports"]["vision_tower"]["method"] == "w8a8"
-    claims = {v["claim"]: v["verdict"] for v in res["verdict"]}
-    d = by["W4A16 AWQ"]["accuracy"] - by["bf16"]["accuracy"]
-    assert claims["W4A16 AWQ keeps bf16 accuracy"] == ("reproduces" if abs(d) <= 0.05 else "does not")
+    for label in ("W4A16 AWQ", "W8A8 + W4A16 AWQ"):  # the quantised rows answer too (12 questions: a loose bound)
+        assert by[label]["accuracy"] >= by["bf16"]["accuracy"] - 0.25, by[label]["accuracy"]
+    # the paired counts in the verdict are the questions' own: recount them from the ids
+    v = next(v for v in res["verdict"] if v["claim"] == "W4A16 AWQ keeps bf16 accuracy")
+    lost = len(set(by["bf16"]["right_ids"]) - set(by["W4A16 AWQ"]["right_ids"]))
+    assert f"{lost} question(s) lost" in v["kit"], v["kit"]
     with open(tmp_path / "quant_table7.csv") as f:
         table = list(csv.DictReader(f))
     assert [t["row"] for t in table] == labels
