@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .integer import QuantError, QuantReport, W4A16Linear, fake_quantize
+from .integer import QuantError, QuantReport, W4A16Linear, fake_quantize, replace_linears
 
 # %% auto #0
 __all__ = ['LINEARS', 'LLM_METHODS', 'LLMCalib', 'llm_calibration', 'DecoderInputs', 'run_layer', 'capture_inputs',
@@ -287,10 +287,8 @@ def _awq_layer(layer: nn.Module, x: torch.Tensor, ctx: DecoderInputs, inputs: di
 
 
 def _swap_linears(layer: nn.Module, group_size: int) -> None:
-    for name in LINEARS:
-        parent, _, attr = name.rpartition(".")
-        p = layer.get_submodule(parent)
-        setattr(p, attr, W4A16Linear.from_float(getattr(p, attr), group_size))
+    "Round the seven linears of one decoder layer to `W4A16Linear`s (in place)."
+    replace_linears(layer, lambda n, lin: W4A16Linear.from_float(lin, group_size), keep=lambda n, lin: n in LINEARS)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .integer import QuantError, QuantReport, W8A8Linear, W8A8_MODES, fake_quantize
+from .integer import QuantError, QuantReport, W8A8Linear, W8A8_MODES, fake_quantize, replace_linears
 
 # %% auto #0
 __all__ = ['SITES', 'PROJECTIONS', 'calibration_media', 'TowerStats', 'calibrate_tower', 'check_alpha', 'smooth_scales',
@@ -154,10 +154,8 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 
 
 def _quantize_layer(layer: nn.Module, mode: str) -> None:
-    for name in PROJECTIONS:
-        parent, _, attr = name.rpartition(".")
-        p = layer.get_submodule(parent)
-        setattr(p, attr, W8A8Linear.from_float(getattr(p, attr), mode))
+    "Swap the six projections of one encoder layer for `W8A8Linear`s (in place)."
+    replace_linears(layer, lambda n, lin: W8A8Linear.from_float(lin, mode), keep=lambda n, lin: n in PROJECTIONS)
 
 
 @torch.no_grad()
